@@ -1,0 +1,7 @@
+"""quantlab: low-bit post-training quantization of SwinIR-light (2DQuant, CondiQuant)."""
+from .checkpoints import load_model, pick_device, save_model
+from .evaluation import evaluate
+from .swinir import SwinIR, SwinIRConfig
+
+__all__ = ["SwinIR", "SwinIRConfig", "evaluate", "load_model", "pick_device", "save_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,146 @@
+"""Loading and saving SwinIR-light weights: official checkpoints, safetensors and the embedded models.
+
+Accepted files: the official ``002_lightweightSR_DIV2K_s64w8_SwinIR-S_x{2,3,4}.pth`` (a dict with
+``params`` or ``params_ema``), a bare state dict, KAIR/BasicSR key names, and ``.safetensors``.
+Hyper-parameters are inferred from the weight shapes. Loading is strict: a file that is not
+SwinIR-light fails with an error naming the offending keys and shapes.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .swinir import SwinIR, SwinIRConfig
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+EMBEDDED_MODELS = {f"default-x{s}": WEIGHTS_DIR / f"swinir_light_x{s}.safetensors" for s in (2, 3, 4)}
+# Buffers stored in official files; quantlab recomputes them for the actual input size.
+RECOMPUTED_BUFFERS = ("attn_mask", "relative_position_index")
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be loaded as SwinIR-light."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pth``/``.safetensors`` file, unwrapped from ``params_ema``/``params``/``state_dict``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no weights file at {path}. Pass the path of a SwinIR-light checkpoint "
+            f"(e.g. 002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth) or one of {sorted(EMBEDDED_MODELS)}."
+        )
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({err})") from err
+    for wrapper in ("params_ema", "params", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def from_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official/KAIR/BasicSR key names -> quantlab names; drops the recomputed buffers."""
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if key.rsplit(".", 1)[-1] in RECOMPUTED_BUFFERS:
+            continue
+        key = key.replace(".residual_group.", ".").replace("patch_embed.norm.", "patch_norm.")
+        renamed[key] = value
+    return renamed
+
+
+def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """quantlab names -> official SwinIR key names (parameters only)."""
+    official = {}
+    for key, value in state.items():
+        key = re.sub(r"^layers\.(\d+)\.blocks\.", r"layers.\1.residual_group.blocks.", key)
+        official[key.replace("patch_norm.", "patch_embed.norm.")] = value
+    return official
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> SwinIRConfig:
+    """SwinIR-light hyper-parameters from weight shapes (quantlab key names)."""
+    required = ("conv_first.weight", "upsample.0.weight", "layers.0.blocks.0.attn.relative_position_bias_table")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"not a SwinIR-light state dict: missing {missing}")
+    if any(k.startswith(("conv_before_upsample", "conv_up1", "conv_hr")) for k in state):
+        raise CheckpointError("not SwinIR-light: this checkpoint has a 'pixelshuffle'/'nearest+conv' upsampler")
+    embed_dim, in_chans = state["conv_first.weight"].shape[:2]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    depths = tuple(
+        1 + max(int(k.split(".")[3]) for k in state if k.startswith(f"layers.{i}.blocks.")) for i in range(n_layers)
+    )
+    heads = tuple(state[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(n_layers))
+    table_rows = state["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window = (math.isqrt(table_rows) + 1) // 2
+    hidden = state["layers.0.blocks.0.mlp.fc1.weight"].shape[0]
+    scale = math.isqrt(state["upsample.0.weight"].shape[0] // in_chans)
+    return SwinIRConfig(
+        scale=scale, embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+        mlp_ratio=hidden / embed_dim, in_chans=in_chans,
+    )
+
+
+def model_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> SwinIR:
+    """Build a SwinIR with the inferred config and load ``state`` strictly."""
+    state = from_official_keys(state)
+    model = SwinIR(infer_config(state))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label} {keys[:8]}" for label, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{source} is not a SwinIR-light checkpoint: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model(source: str | Path, device: str | torch.device | None = "cpu") -> SwinIR:
+    """SwinIR-light in eval mode from a weights path or an embedded name (``default-x2/x3/x4``).
+
+    ``device=None`` picks CUDA when available.
+    """
+    if str(source) in EMBEDDED_MODELS:
+        path = EMBEDDED_MODELS[str(source)]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the embedded model {source!r} is not trained yet ({path.name} is not shipped in this version); "
+                "pass the path of an official SwinIR-light checkpoint instead"
+            )
+    else:
+        path = Path(source)
+    model = model_from_state_dict(read_state_dict(path), source=str(path))
+    return model.eval().to(pick_device(device))
+
+
+def save_model(model: SwinIR, path: str | Path) -> None:
+    """Save parameters only, in the official key layout, as ``.safetensors`` (atomic write)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(to_official_keys(state), str(tmp), metadata={"scale": str(model.scale)})
+    tmp.replace(path)

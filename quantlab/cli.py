@@ -1,0 +1,140 @@
+"""Command line: ``quantlab eval`` and ``quantlab train``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .checkpoints import EMBEDDED_MODELS, load_model
+from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .results import psnr_ssim_table, write_csv_atomic
+from .train import TrainConfig, Trainer
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def resolve_models(names: list[str], scales: list[int] | None) -> list[tuple[str, int]]:
+    """(model name or path, scale) pairs. ``bicubic`` and ``default`` (the shipped ``default-x<s>``)
+    take every requested scale (default 2, 3, 4); a named model or checkpoint brings its own scale."""
+    wanted = scales or [2, 3, 4]
+    pairs = []
+    for name in names:
+        if name == "bicubic":
+            pairs += [("bicubic", s) for s in wanted]
+        elif name == "default":
+            shipped = [s for s in wanted if EMBEDDED_MODELS[f"default-x{s}"].is_file()]
+            if len(shipped) < len(wanted):
+                missing = sorted(set(wanted) - set(shipped))
+                print(f"note: no embedded default model for x{missing} yet; skipped", file=sys.stderr)
+            pairs += [(f"default-x{s}", s) for s in shipped]
+        else:
+            scale = load_model(name).scale
+            if scales and scale not in scales:
+                raise ValueError(f"{name} is a x{scale} model but --scale {','.join(map(str, scales))} was given")
+            pairs.append((name, scale))
+    return pairs
+
+
+def model_label(name: str) -> str:
+    return Path(name).stem if Path(name).suffix else name
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    scales = [int(s) for s in comma_list(args.scale)] if args.scale else None
+    if scales and not set(scales) <= {2, 3, 4}:
+        raise ValueError(f"--scale must be 2, 3 or 4, got {args.scale}")
+    pairs = resolve_models(comma_list(args.model), scales)
+    if not pairs:
+        raise ValueError("nothing to evaluate: no model matched --model/--scale")
+    if args.json and len(pairs) > 1:
+        raise ValueError(f"--json prints one model at one scale; got {len(pairs)}: {pairs}")
+    frames = []
+    for name, scale in pairs:
+        method = "bicubic" if name == "bicubic" else load_model(name, device=args.device)
+        scores = evaluate(method, comma_list(args.datasets), scale, pad=args.pad, limit=args.limit,
+                          progress=not args.json)
+        frames.append(scores.assign(method=model_label(name), scale=scale))
+    scores = pd.concat(frames, ignore_index=True)
+    summary = summarize(scores, by=("method", "scale", "dataset"))
+    if args.out:
+        write_csv_atomic(per_image(scores), Path(args.out) / "per_image.csv")
+        write_csv_atomic(summary, Path(args.out) / "summary.csv")
+    if args.json:
+        print(json.dumps({row.dataset: {"psnr": row.psnr, "ssim": row.ssim, "images": int(row.images)}
+                          for row in summary.itertuples()}))
+        return
+    print(psnr_ssim_table(summary).to_string())
+    if args.out:
+        print(f"\nwritten: {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'per_image.csv'}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    schedule = [tuple(int(v) for v in item.split(":")) for item in comma_list(args.patch_schedule)]
+    config = TrainConfig(
+        scale=args.scale, steps=args.steps, batch_size=args.batch_size, patch_schedule=schedule, lr=args.lr,
+        warmup_steps=args.warmup, ema_decay=args.ema, init_from=args.init_from, train_folder=args.data,
+        val_every=args.val_every, checkpoint_minutes=args.checkpoint_minutes, seed=args.seed,
+    )
+    trainer = Trainer(config, args.out, device=args.device)
+    trainer.run(args.until)
+    if args.export:
+        trainer.export(args.export)
+        print(f"exported {args.export}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM of models and the bicubic baseline on benchmark sets")
+    ev.add_argument("--model", "--models", default="bicubic,default",
+                    help="comma list: bicubic, default (the shipped default-x<s>), default-x2, or checkpoint paths")
+    ev.add_argument("--scale", "--scales", default=None,
+                    help="comma list of scales for bicubic/default (default 2,3,4); a checkpoint brings its own")
+    ev.add_argument("--datasets", default="Set5,Set14")
+    ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
+    ev.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
+    ev.add_argument("--out", default=None, help="folder for per_image.csv and summary.csv")
+    ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")
+    tr.add_argument("--scale", type=int, default=2)
+    tr.add_argument("--steps", type=int, default=10000, help="length of the LR schedule")
+    tr.add_argument("--until", type=int, default=None, help="stop at this step (resume later)")
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--patch-schedule", default="1000000000:48",
+                    help="LR crop sizes as until_step:size,... e.g. 4000:32,1000000000:48")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=200)
+    tr.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables)")
+    tr.add_argument("--init-from", default=None, help="weights to start from (x2 body for x3/x4)")
+    tr.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
+    tr.add_argument("--val-every", type=int, default=250)
+    tr.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
+    tr.add_argument("--export", default=None, help="write the EMA weights here (.safetensors) at the end")
+    tr.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; a user error prints one line on stderr and exits with code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"quantlab {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,214 @@
+"""SwinIR-light: a compact, readable SwinIR with a pixel-shuffle-direct upsampler.
+
+Numerically identical to the official implementation (JingyunLiang/SwinIR) for the same weights,
+but every linear layer (``qkv``, ``proj``, ``fc1``, ``fc2``) and both attention batch-matmuls
+(``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V) are named submodules, so quantization can wrap
+them without rewriting the model. Module names drop the official ``residual_group`` level
+(``layers.0.blocks.1.mlp.fc2``); :mod:`quantlab.checkpoints` maps the official key layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+SHIFT_MASK_VALUE = -100.0  # what the official code adds between tokens of different shifted regions
+
+
+@dataclass(frozen=True)
+class SwinIRConfig:
+    """Hyper-parameters of a SwinIR with the ``pixelshuffledirect`` upsampler and ``1conv`` RSTB tail."""
+
+    scale: int = 2
+    embed_dim: int = 60
+    depths: tuple[int, ...] = (6, 6, 6, 6)
+    num_heads: tuple[int, ...] = (6, 6, 6, 6)
+    window_size: int = 8
+    mlp_ratio: float = 2.0
+    in_chans: int = 3
+    img_range: float = 1.0
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * nW, window * window, C), windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window * window, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(window^2, window^2) index into the (2*window-1)^2-row relative-position bias table."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """(nW, window^2, window^2) additive mask: 0 within a shifted region, -100 across regions."""
+    labels = torch.zeros(1, h, w, 1)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, rows in enumerate(bands):
+        for j, cols in enumerate(bands):
+            labels[:, rows, cols, :] = 3 * i + j
+    labels = window_partition(labels, window).squeeze(-1)
+    differs = labels[:, None, :] != labels[:, :, None]
+    return torch.zeros(differs.shape).masked_fill(differs, SHIFT_MASK_VALUE)
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module, so that both operands can be quantized by name."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with relative-position bias and optional shift mask."""
+
+    def __init__(self, dim: int, num_heads: int, window: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.matmul_qk = MatMul()
+        self.matmul_av = MatMul()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None."""
+        bw, n, c = x.shape
+        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        attn = attn + bias.permute(2, 0, 1)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = (attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]).view(bw, -1, n, n)
+        out = self.matmul_av(attn.softmax(dim=-1), v)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    """Swin transformer layer (STL): (shifted) window attention + MLP, both pre-norm residual."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        if not self.shift:
+            return None
+        key = (h, w, device)
+        if key not in self._masks:
+            self._masks[key] = shifted_window_mask(h, w, self.window, self.shift).to(device)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """x: (B, H*W, C) tokens of an image whose sides are multiples of the window."""
+        h, w = size
+        b, _, c = x.shape
+        y = self.norm1(x).view(b, h, w, c)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = self.attn(window_partition(y, self.window), self.mask(h, w, x.device))
+        y = window_reverse(y, self.window, h, w)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + y.reshape(b, h * w, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class RSTB(nn.Module):
+    """Residual Swin transformer block: ``depth`` STLs, a 3x3 conv, and a long residual."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio) for i in range(depth)
+        )
+        self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = x
+        for block in self.blocks:
+            y = block(y, size)
+        y = self.conv(tokens_to_image(y, size))
+        return x + y.flatten(2).transpose(1, 2)
+
+
+def tokens_to_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
+
+
+class SwinIR(nn.Module):
+    """SwinIR-light. Input (B, 3, H, W) RGB in [0, 1]; output (B, 3, s*H, s*W), not clamped.
+
+    Sides that are not multiples of the window are reflect-padded inside ``forward`` and the output
+    is cropped back, as in the official implementation.
+    """
+
+    def __init__(self, config: SwinIRConfig = SwinIRConfig()):
+        super().__init__()
+        self.config = c = config
+        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.conv_first = nn.Conv2d(c.in_chans, c.embed_dim, 3, 1, 1)
+        self.patch_norm = nn.LayerNorm(c.embed_dim)
+        self.layers = nn.ModuleList(
+            RSTB(c.embed_dim, depth, heads, c.window_size, c.mlp_ratio) for depth, heads in zip(c.depths, c.num_heads)
+        )
+        self.norm = nn.LayerNorm(c.embed_dim)
+        self.conv_after_body = nn.Conv2d(c.embed_dim, c.embed_dim, 3, 1, 1)
+        self.upsample = nn.Sequential(
+            nn.Conv2d(c.embed_dim, c.in_chans * c.scale**2, 3, 1, 1), nn.PixelShuffle(c.scale)
+        )
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[2], x.shape[3])
+        tokens = self.patch_norm(x.flatten(2).transpose(1, 2))
+        for layer in self.layers:
+            tokens = layer(tokens, size)
+        return tokens_to_image(self.norm(tokens), size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        win = self.config.window_size
+        x = F.pad(x, (0, -w % win, 0, -h % win), mode="reflect")
+        x = (x - self.mean) * self.config.img_range
+        feat = self.conv_first(x)
+        out = self.upsample(self.conv_after_body(self.forward_features(feat)) + feat)
+        out = out / self.config.img_range + self.mean
+        return out[:, :, : h * self.scale, : w * self.scale]

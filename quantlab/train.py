@@ -1,0 +1,193 @@
+"""Train or fine-tune SwinIR-light on a folder of HR images, resumably, on CPU or GPU.
+
+L1 loss, Adam, linear warm-up then cosine decay, optional EMA of the weights, dihedral
+augmentation, LR made by the benchmarks' MATLAB-exact bicubic. A checkpoint (model, EMA,
+optimizer, scheduler, RNG states, step) is written atomically every few minutes; running the
+same command again resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoints import load_model, pick_device, save_model
+from .data import PatchSampler
+from .evaluation import evaluate, summarize
+from .swinir import SwinIR, SwinIRConfig
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``patch_schedule`` lists (until_step, lr_patch_size) pairs: small crops early."""
+
+    scale: int = 2
+    steps: int = 10000
+    batch_size: int = 16
+    patch_schedule: list[tuple[int, int]] = field(default_factory=lambda: [(10**9, 48)])
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    final_lr_ratio: float = 0.02
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    init_from: str | None = None
+    train_folder: str | None = None
+    val_every: int = 250
+    val_dataset: str = "Set5"
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+
+    def patch_size(self, step: int) -> int:
+        return next(size for until, size in self.patch_schedule if step < until)
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)), so early validation is meaningful."""
+        return min(self.ema_decay, (1 + step) / (10 + step))
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at ``step``: linear warm-up, then cosine down to ``final_lr_ratio``."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def initial_model(config: TrainConfig) -> SwinIR:
+    """Fresh SwinIR-light, or one initialised from ``init_from`` (the upsampler is re-made on a scale change)."""
+    model = SwinIR(SwinIRConfig(scale=config.scale))
+    if config.init_from:
+        source = load_model(config.init_from)
+        body = {k: v for k, v in source.state_dict().items() if not k.startswith("upsample.")}
+        if source.scale == config.scale:
+            body = source.state_dict()
+        model.load_state_dict(body, strict=False)
+    return model
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer, scheduler and sampler of one run in ``out_dir``."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, device: str | torch.device | None = None):
+        self.config, self.out_dir = config, Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = pick_device(device)
+        torch.manual_seed(config.seed)
+        self.model = initial_model(config).to(self.device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema_decay else None
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        self.sampler = PatchSampler(config.scale, config.patch_size(0), config.train_folder, seed=config.seed)
+        self.step = 0
+        if self.checkpoint_path.is_file():
+            self.load_checkpoint()
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "checkpoint.pt"
+
+    def state(self) -> dict:
+        return {
+            "config": asdict(self.config), "step": self.step,
+            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
+        }
+
+    def save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        saved_scale = state["config"]["scale"]
+        if saved_scale != self.config.scale:
+            raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; use another --out for x{self.config.scale}")
+        self.model.load_state_dict(state["model"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
+        self.step = state["step"]
+        self.truncate_log()
+
+    def truncate_log(self) -> None:
+        """Drop log rows written after the checkpoint being resumed (they will be trained again)."""
+        path = self.out_dir / "log.csv"
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            kept = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) <= self.step]
+            path.write_text("\n".join(kept) + "\n")
+
+    def train_step(self) -> float:
+        self.sampler.lr_size = self.config.patch_size(self.step)
+        lr, hr = (t.to(self.device) for t in self.sampler.sample(self.config.batch_size))
+        loss = F.l1_loss(self.model(lr), hr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - self.config.ema_decay_at(self.step))
+        self.step += 1
+        return loss.item()
+
+    @property
+    def eval_model(self) -> SwinIR:
+        return self.ema if self.ema else self.model
+
+    def validate(self) -> float:
+        self.model.eval()
+        scores = summarize(evaluate(self.eval_model, [self.config.val_dataset], self.config.scale, progress=False))
+        self.model.train()
+        return float(scores["psnr"].iloc[0])
+
+    def log(self, row: dict) -> None:
+        path = self.out_dir / "log.csv"
+        new = not path.is_file()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "patch", "seconds_per_step", "val_psnr"],
+                                    lineterminator="\n")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def run(self, steps: int | None = None, progress: bool = True) -> None:
+        """Train until ``steps`` (default: the configured total), checkpointing and validating on the way."""
+        end = min(steps or self.config.steps, self.config.steps)
+        last_save = time.monotonic()
+        bar = tqdm(total=end, initial=self.step, desc=f"train x{self.config.scale}", disable=not progress)
+        while self.step < end:
+            start = time.monotonic()
+            loss = self.train_step()
+            row = {"step": self.step, "loss": f"{loss:.5f}", "lr": f"{self.scheduler.get_last_lr()[0]:.3e}",
+                   "patch": self.sampler.lr_size, "seconds_per_step": f"{time.monotonic() - start:.2f}", "val_psnr": ""}
+            if self.config.val_every and (self.step % self.config.val_every == 0 or self.step == end):
+                row["val_psnr"] = f"{self.validate():.3f}"
+                bar.set_postfix(loss=row["loss"], psnr=row["val_psnr"])
+            else:
+                bar.set_postfix(loss=row["loss"])
+            self.log(row)
+            bar.update()
+            if time.monotonic() - last_save > 60 * self.config.checkpoint_minutes or self.step == end:
+                self.save_checkpoint()
+                last_save = time.monotonic()
+        bar.close()
+
+    def export(self, path: str | Path) -> None:
+        """Write the EMA (else live) weights as a shippable ``.safetensors``."""
+        save_model(self.eval_model, path)

@@ -1,0 +1,77 @@
+"""Benchmark discovery, LR generation and caching, size checks, and calibration patches."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantlab.data import Benchmark, PatchSampler, calibration_patches, data_root, dihedral
+
+
+@pytest.fixture
+def tiny_benchmark(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    hr = tmp_path / "benchmark" / "Tiny" / "HR"
+    hr.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (26, 35, 3), dtype=np.uint8)).save(hr / "a.png")
+    Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(hr / "gray.png")
+    return tmp_path
+
+
+def test_missing_lr_is_generated_cached_and_hr_cropped(tiny_benchmark):
+    pair = Benchmark("Tiny", 4)[0]
+    assert pair.lr.shape == (6, 8, 3) and pair.hr.shape == (24, 32, 3)
+    assert list((tiny_benchmark / "cache" / "lr" / "x4").glob("a-*.png"))
+    assert np.array_equal(Benchmark("Tiny", 4)[0].lr, pair.lr)
+
+
+def test_grayscale_becomes_three_channels(tiny_benchmark):
+    pair = Benchmark("Tiny", 2)[1]
+    assert pair.hr.shape == (24, 24, 3) and np.array_equal(pair.hr[..., 0], pair.hr[..., 2])
+
+
+def test_lr_hr_mismatch_names_file_and_sizes(tiny_benchmark):
+    lr_dir = tiny_benchmark / "benchmark" / "Tiny" / "LR_bicubic" / "X2"
+    lr_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(lr_dir / "ax2.png")
+    with pytest.raises(ValueError, match=r"a\.png.*10x10.*35x26"):
+        Benchmark("Tiny", 2)[0]
+
+
+def test_unknown_set_and_missing_root_are_explained(tiny_benchmark, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="Tiny"):
+        Benchmark("Set5", 2)
+    monkeypatch.setenv("QUANTLAB_DATA", str(tiny_benchmark / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="QUANTLAB_DATA"):
+        data_root()
+
+
+def test_shared_benchmarks_have_expected_sizes():
+    counts = {name: len(Benchmark(name, 4)) for name in ("Set5", "Set14", "B100", "Urban100", "Manga109")}
+    assert counts == {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 22, "Manga109": 22}
+    assert Benchmark("Urban100", 4).is_subset and not Benchmark("Set14", 4).is_subset
+
+
+def test_dihedral_covers_eight_distinct_transforms():
+    image = np.arange(12).reshape(3, 4, 1)
+    assert len({dihedral(image, k).tobytes() + bytes(dihedral(image, k).shape) for k in range(8)}) == 8
+
+
+def test_calibration_patches_are_seeded_lr_crops(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    a = calibration_patches(n=4, size=32, scale=3, seed=0)
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.float32 and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, calibration_patches(n=4, size=32, scale=3, seed=0))
+    assert not torch.equal(a, calibration_patches(n=4, size=32, scale=3, seed=1))
+
+
+def test_patch_pairs_are_aligned(tmp_path, monkeypatch):
+    """An LR crop equals the bicubic downscale of its HR crop away from the borders."""
+    from quantlab.imresize import imresize
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    lr, hr = PatchSampler(scale=2, lr_size=32, seed=3, augment=False).sample(2)
+    lr8 = np.uint8(lr[0].permute(1, 2, 0).numpy() * 255 + 0.5)
+    hr8 = np.uint8(hr[0].permute(1, 2, 0).numpy() * 255 + 0.5)
+    down = imresize(hr8, 0.5).astype(int)
+    assert np.abs(down[4:-4, 4:-4] - lr8[4:-4, 4:-4].astype(int)).max() <= 1

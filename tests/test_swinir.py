@@ -1,0 +1,196 @@
+"""SwinIR-light against an independent oracle, and checkpoint loading in the official key layout.
+
+The oracle computes every (shifted) window attention as one global attention over all tokens
+whose logits are -inf between tokens of different windows and -100 between tokens of different
+shifted regions (the official mask value), with the relative-position bias indexed from token
+coordinates. It shares no code with quantlab.swinir, so agreement checks the window partition,
+the cyclic shift, the mask, the bias indexing, padding and cropping together.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import quantlab
+from quantlab.checkpoints import CheckpointError, infer_config, load_model, save_model, to_official_keys
+from quantlab.swinir import RGB_MEAN, SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
+
+
+def realistic_official_state(config: SwinIRConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of trained-model scale in the official key layout, with the stored buffers."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in SwinIR(config).state_dict().items():
+        if key.endswith("relative_position_bias_table"):
+            new = torch.randn(value.shape, generator=gen) * 1.5
+        elif "norm" in key and key.endswith("weight"):
+            new = 1 + 0.3 * torch.randn(value.shape, generator=gen)
+        elif key.endswith("bias"):
+            new = 0.1 * torch.randn(value.shape, generator=gen)
+        else:
+            fan_in = value[0].numel()
+            new = torch.randn(value.shape, generator=gen) / math.sqrt(fan_in)
+        state[key] = new
+    state = to_official_keys(state)
+    window = config.window_size
+    for i, depth in enumerate(config.depths):
+        for j in range(depth):
+            prefix = f"layers.{i}.residual_group.blocks.{j}"
+            state[f"{prefix}.attn.relative_position_index"] = relative_position_index(window)
+            if j % 2:
+                state[f"{prefix}.attn_mask"] = shifted_window_mask(64, 64, window, window // 2)
+    return state
+
+
+def layer_norm(x, state, prefix):
+    return F.layer_norm(x, x.shape[-1:], state[prefix + ".weight"], state[prefix + ".bias"], eps=1e-5)
+
+
+def linear(x, state, prefix):
+    return F.linear(x, state[prefix + ".weight"], state[prefix + ".bias"])
+
+
+def conv(x, state, prefix):
+    return F.conv2d(x, state[prefix + ".weight"], state[prefix + ".bias"], padding=1)
+
+
+def oracle_block(x, state, prefix, h, w, window, heads, shift):
+    """One STL on (B, H*W, C) tokens with global masked attention (float64)."""
+    b, n, c = x.shape
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols = (rows.flatten() - shift) % h, (cols.flatten() - shift) % w  # shifted-frame coordinates
+    window_id = (rows // window) * (w // window) + cols // window
+    band = lambda v, size: (v >= size - window).long() + (v >= size - shift).long() if shift else 0 * v
+    region = 3 * band(rows, h) + band(cols, w)
+    pr, pc = rows % window, cols % window
+    rel = (pr[:, None] - pr[None] + window - 1) * (2 * window - 1) + (pc[:, None] - pc[None] + window - 1)
+    bias = state[prefix + ".attn.relative_position_bias_table"][rel].permute(2, 0, 1)  # heads, N, N
+    mask = torch.where(region[:, None] != region[None], -100.0, 0.0).double()
+    mask = mask.masked_fill(window_id[:, None] != window_id[None], float("-inf"))
+
+    y = layer_norm(x, state, prefix + ".norm1")
+    q, k, v = linear(y, state, prefix + ".attn.qkv").view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    logits = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias + mask
+    attn = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+    x = x + linear(attn, state, prefix + ".attn.proj")
+    y = linear(F.gelu(linear(layer_norm(x, state, prefix + ".norm2"), state, prefix + ".mlp.fc1")), state, prefix + ".mlp.fc2")
+    return x + y
+
+
+def oracle_forward(state, x, config: SwinIRConfig):
+    state = {k: v.double() for k, v in state.items()}
+    x = x.double()
+    h0, w0 = x.shape[2:]
+    win = config.window_size
+    x = F.pad(x, (0, -w0 % win, 0, -h0 % win), mode="reflect")
+    mean = torch.tensor(RGB_MEAN).double().view(1, 3, 1, 1)  # float32 constants, as the official model
+    feat = conv(x - mean, state, "conv_first")
+    b, c, h, w = feat.shape
+    tokens = layer_norm(feat.flatten(2).transpose(1, 2), state, "patch_embed.norm")
+    for i, depth in enumerate(config.depths):
+        start = tokens
+        for j in range(depth):
+            prefix = f"layers.{i}.residual_group.blocks.{j}"
+            tokens = oracle_block(tokens, state, prefix, h, w, win, config.num_heads[i], (j % 2) * win // 2)
+        image = conv(tokens.transpose(1, 2).reshape(b, c, h, w), state, f"layers.{i}.conv")
+        tokens = start + image.flatten(2).transpose(1, 2)
+    body = layer_norm(tokens, state, "norm").transpose(1, 2).reshape(b, c, h, w)
+    out = F.pixel_shuffle(conv(conv(body, state, "conv_after_body") + feat, state, "upsample.0"), config.scale)
+    return (out + mean)[:, :, : h0 * config.scale, : w0 * config.scale]
+
+
+@pytest.fixture(scope="module")
+def official_checkpoint(tmp_path_factory):
+    config = SwinIRConfig(scale=2)
+    state = realistic_official_state(config)
+    path = tmp_path_factory.mktemp("ckpt") / "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth"
+    torch.save({"params": state}, path)
+    return path, state, config
+
+
+@pytest.mark.parametrize("size", [(16, 24), (13, 21)], ids=["window-multiple", "padded"])
+def test_matches_oracle_on_official_checkpoint(official_checkpoint, size):
+    path, state, config = official_checkpoint
+    model = load_model(path)
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    expected = oracle_forward(state, x, config)
+    with torch.no_grad():
+        out32 = model(x)
+        out64 = model.double()(x.double())
+    assert out32.shape == (2, 3, 2 * size[0], 2 * size[1])
+    assert expected.abs().max() > 0.5  # the weights are not zero-ish
+    assert (out32.double() - expected).abs().max() <= 1e-5
+    assert (out64 - expected).abs().max() <= 1e-9
+
+
+def test_oracle_detects_a_wrong_shift(official_checkpoint):
+    """The oracle test can fail: a model whose shifted blocks do not shift disagrees."""
+    path, state, config = official_checkpoint
+    model = load_model(path)
+    for layer in model.layers:
+        for block in layer.blocks:
+            block.shift = 0
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x).double() - oracle_forward(state, x, config)).abs().max() > 1e-3
+
+
+def test_config_inferred_from_weights(tmp_path):
+    config = SwinIRConfig(scale=3, embed_dim=24, depths=(2, 3), num_heads=(3, 4), window_size=4, mlp_ratio=1.5)
+    path = tmp_path / "small.pth"
+    torch.save(realistic_official_state(config), path)
+    assert load_model(path).config == config
+    assert infer_config(quantlab.checkpoints.from_official_keys(realistic_official_state(SwinIRConfig(scale=4)))).scale == 4
+
+
+def test_params_ema_preferred_and_safetensors_round_trip(tmp_path, official_checkpoint):
+    _, state, _ = official_checkpoint
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    torch.save({"params": zeros, "params_ema": state}, tmp_path / "ema.pth")
+    model = load_model(tmp_path / "ema.pth")
+    assert torch.equal(model.conv_first.weight, state["conv_first.weight"])
+    save_model(model, tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("layers.0.residual_group.blocks.0.mlp.fc2.weight"), "missing keys"),
+        (lambda s: s.update({"layers.0.extra.weight": torch.zeros(3)}), "unexpected keys ['layers.0.extra.weight']"),
+        (lambda s: s.update({"layers.0.residual_group.blocks.1.attn.proj.weight": torch.zeros(60, 61)}), "(60, 61)"),
+        (lambda s: s.update({"conv_before_upsample.0.weight": torch.zeros(64, 60, 3, 3)}), "upsampler"),
+    ],
+    ids=["missing", "extra", "mis-shaped", "classical-swinir"],
+)
+def test_wrong_checkpoints_name_the_problem(tmp_path, official_checkpoint, edit, message):
+    state = dict(official_checkpoint[1])
+    edit(state)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "bad.pth")
+    assert message in str(err.value)
+
+
+def test_missing_file_and_non_tensor_pickle_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_model(tmp_path / "nope.pth")
+    (tmp_path / "evil.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_model(tmp_path / "evil.pth")
+
+
+def test_quantizable_submodules_are_named():
+    names = dict(SwinIR().named_modules())
+    for leaf in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "attn.matmul_qk", "attn.matmul_av"):
+        assert sum(name.endswith(leaf) for name in names) == 24
+
+
+def test_unshipped_embedded_model_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setitem(quantlab.checkpoints.EMBEDDED_MODELS, "default-x2", tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match="not trained yet"):
+        load_model("default-x2")

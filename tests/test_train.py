@@ -1,0 +1,64 @@
+"""Training: a tiny run lowers the loss; an interrupted, resumed run equals an uninterrupted one."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantlab.train import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96] / 96.0
+    for i in range(3):
+        f1, f2 = rng.uniform(1, 4, size=2)
+        base = np.stack([np.sin(2 * np.pi * (f1 * xx + c / 3)) * np.cos(2 * np.pi * f2 * yy) for c in range(3)], -1)
+        Image.fromarray(np.uint8(127.5 + 120 * base)).save(folder / f"img{i}.png")
+    return folder
+
+
+def tiny_config(folder, **overrides) -> TrainConfig:
+    settings = dict(scale=2, steps=6, batch_size=2, patch_schedule=[(3, 8), (10**9, 16)], lr=1e-3, warmup_steps=2,
+                    train_folder=str(folder), val_every=0, checkpoint_minutes=60.0, seed=0)
+    return TrainConfig(**(settings | overrides))
+
+
+def test_tiny_training_lowers_the_loss(train_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    trainer = Trainer(tiny_config(train_folder, steps=40, patch_schedule=[(10**9, 16)], ema_decay=0), tmp_path / "run")
+    losses = [trainer.train_step() for _ in range(40)]
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+
+
+def test_resume_equals_uninterrupted_run(train_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    straight = Trainer(tiny_config(train_folder), tmp_path / "straight")
+    straight.run(progress=False)
+
+    interrupted = Trainer(tiny_config(train_folder), tmp_path / "resumed")
+    interrupted.run(4, progress=False)  # stops at step 4 with a checkpoint, like a killed job's last save
+    resumed = Trainer(tiny_config(train_folder), tmp_path / "resumed")
+    assert resumed.step == 4
+    resumed.run(progress=False)
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters()):
+        assert torch.equal(a, b)
+    assert (tmp_path / "resumed" / "log.csv").read_text().count("\n") == 1 + 6
+
+
+def test_checkpoint_of_another_scale_is_refused(train_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    Trainer(tiny_config(train_folder, steps=1), tmp_path / "run").run(progress=False)
+    with pytest.raises(ValueError, match="x2 run"):
+        Trainer(tiny_config(train_folder, scale=3), tmp_path / "run")
+
+
+def test_schedule_warms_up_then_decays():
+    config = TrainConfig(steps=1000, warmup_steps=100, final_lr_ratio=0.1)
+    factors = [config.lr_factor(s) for s in (0, 50, 99, 100, 550, 1000)]
+    assert factors[0] < factors[1] < factors[2] == factors[3] == 1.0
+    assert factors[4] == pytest.approx(0.55) and factors[5] == pytest.approx(0.1)
