@@ -1,0 +1,158 @@
+"""Bound calibration of a fake-quantized model: MinMax, Percentile and DOBI (2DQuant stage 1).
+
+Every method streams: one forward pass of the calibration batch (default 32 LR patches 3x64x64)
+with all quantizers in ``observe`` mode; each quantizer fits its bounds on the tensor it sees as
+that tensor passes (weights too, since they flow through their quantizers), so no activation is
+kept. All quantizers are fitted on FP activations at once, as in the released 2DQuant code (whose
+calibration pass also had DropPath active by mistake; quantlab's model has no DropPath).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .quant import ONE_SIDED_KINDS, FakeQuantizer, check_bits, quantizers, set_mode
+
+Bounds = tuple[torch.Tensor, torch.Tensor]
+DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
+DOBI_HISTOGRAM_BINS = 2**14  # model-level DOBI scores candidates on a histogram of this many bins
+DOBI_MODES = ("paper", "release")
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"calibration data produced NaN/inf at {name}: check the calibration patches "
+                         "(they must be finite RGB values in [0, 1]) and the FP model's weights")
+
+
+def quantization_error(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error sum_j w_j (x_j - Q(x_j; l_i, u_i))^2 for K candidate pairs at once.
+
+    x: (M,) values; lower, upper: (K,) candidates; weights: (M,) or None (all 1). Returns (K,).
+    """
+    levels = 2**bits - 1
+    lo, hi = lower[:, None], upper[:, None]
+    step = (hi - lo) / levels
+    q = torch.round((torch.minimum(torch.maximum(x[None], lo), hi) - lo) / step) * step + lo
+    err = (q - x[None]) ** 2
+    return err.sum(1) if weights is None else err @ weights
+
+
+def dobi_candidates(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, num_points: int) -> Bounds:
+    """The released DOBI grid (reference doc §3): symmetric shrink of [lo, hi] around the mid-range by
+    R/2K per step, or one-sided (l = lo, u shrinks by R/K); i = 0..K-1, i = 0 is MinMax."""
+    i = torch.arange(num_points, dtype=torch.float64, device=lo.device)
+    span = (hi - lo).double()
+    if symmetric:
+        delta = span / (2 * num_points)
+        return (lo + i * delta).to(lo.dtype), (hi - i * delta).to(lo.dtype)
+    delta = span / num_points
+    return lo.expand(num_points).clone(), (hi - i * delta).to(lo.dtype)
+
+
+@torch.no_grad()
+def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: int = 100,
+                bins: int | None = None, chunk: int = 2**16) -> Bounds:
+    """DOBI for one tensor (2DQuant Alg. 1 as released): the candidate with the smallest L2 error,
+    the first one on ties. All K candidates are scored in one batched computation over chunks of
+    ``x`` (exact), or over a ``bins``-bin histogram of ``x`` (bin centres weighted by counts).
+    Returns 0-d tensors (lower, upper)."""
+    check_bits(bits)
+    x = x.detach().flatten().float()
+    lo, hi = x.min(), x.max()
+    lower, upper = dobi_candidates(lo, hi, symmetric, num_points)
+    if hi == lo:
+        return lo, hi
+    if bins:
+        counts = torch.histc(x, bins, lo.item(), hi.item())
+        centres = lo + (torch.arange(bins, device=x.device) + 0.5) * (hi - lo) / bins
+        errors = quantization_error(centres, lower, upper, bits, counts)
+    else:
+        errors = sum(quantization_error(part, lower, upper, bits) for part in x.split(chunk))
+    best = int(torch.argmin(errors))
+    return lower[best], upper[best]
+
+
+def minmax_bounds(x: torch.Tensor) -> Bounds:
+    return x.min(), x.max()
+
+
+def percentile_bounds(x: torch.Tensor, p: float = DEFAULT_PERCENTILE) -> Bounds:
+    """The p-th and (100-p)-th percentiles of ``x`` (order statistics, no interpolation)."""
+    if not 0 <= p < 50:
+        raise ValueError(f"percentile p must be in [0, 50), got {p}")
+    flat = x.flatten()
+    k_low = max(1, int(round(p / 100 * flat.numel())))
+    k_high = max(1, flat.numel() - k_low + 1)
+    return flat.kthvalue(k_low).values, flat.kthvalue(k_high).values
+
+
+Fit = Callable[[FakeQuantizer, torch.Tensor], Bounds]
+
+
+def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
+    """Apply a per-tensor fit to the whole tensor, or row by row for a per-channel weight quantizer."""
+    if not quantizer.per_channel:
+        return fit(quantizer, x)
+    pairs = [fit(quantizer, row) for row in x.reshape(x.shape[0], -1)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+@torch.no_grad()
+def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:
+    """One FP pass of ``patches`` (N, 3, h, w) in which every quantizer sets its bounds to
+    ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit."""
+    if not torch.isfinite(patches).all():
+        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+    names = {q: name for name, q in quantizers(qmodel)}
+    last: dict = {}
+
+    def observe(quantizer: FakeQuantizer, x: torch.Tensor) -> None:
+        _check_finite(x, names[quantizer])
+        key = (x._version, quantizer.kind, quantizer.bits, quantizer.per_channel)
+        if last.get("tensor") is not x or last.get("key") != key:  # holding x keeps its identity unique
+            last.update(tensor=x, key=key, bounds=fit_tensor(fit, quantizer, x))
+        quantizer.set_bounds(*last["bounds"])
+
+    for quantizer in names:
+        quantizer.observer = observe
+    set_mode(qmodel, "observe")
+    try:
+        device = next(qmodel.parameters()).device
+        qmodel.eval()(patches.to(device))
+    finally:
+        set_mode(qmodel, "quantize")
+        for quantizer in names:
+            quantizer.observer = None
+    return qmodel
+
+
+def minmax(qmodel: nn.Module, patches: torch.Tensor) -> nn.Module:
+    """MinMax [Jacob et al.]: l = min, u = max of each tensor over the calibration batch."""
+    return calibrate_streaming(qmodel, patches, lambda q, x: minmax_bounds(x))
+
+
+def percentile(qmodel: nn.Module, patches: torch.Tensor, p: float = DEFAULT_PERCENTILE) -> nn.Module:
+    """Percentile [FQN]: clip activations at their p-th / (100-p)-th percentiles; weights use MinMax."""
+    return calibrate_streaming(
+        qmodel, patches, lambda q, x: minmax_bounds(x) if q.kind == "weight" else percentile_bounds(x, p))
+
+
+def is_one_sided(quantizer: FakeQuantizer, mode: str) -> bool:
+    """``paper``: one-sided search for post-softmax / post-GELU tensors; ``release``: never (as released)."""
+    if mode not in DOBI_MODES:
+        raise ValueError(f"DOBI mode must be one of {DOBI_MODES}, got {mode!r}")
+    return mode == "paper" and quantizer.kind in ONE_SIDED_KINDS
+
+
+def dobi(qmodel: nn.Module, patches: torch.Tensor, mode: str = "paper", num_points: int = 100,
+         bins: int | None = DOBI_HISTOGRAM_BINS) -> nn.Module:
+    """DOBI (2DQuant stage 1) on every quantizer; ``bins=None`` scores candidates exactly (slower)."""
+    return calibrate_streaming(qmodel, patches, lambda q, x: dobi_search(
+        x, q.bits, symmetric=not is_one_sided(q, mode), num_points=num_points, bins=bins))
+
+
+METHODS = {"minmax": minmax, "percentile": percentile, "dobi": dobi}

@@ -1,0 +1,233 @@
+"""Fake quantization with two learnable bounds (2DQuant Eq. 1 and 2) and ``quantize(model, config)``.
+
+One quantizer per tensor holds a lower bound ``l`` and an upper bound ``u``; with ``n = 2^b - 1``
+levels and step ``s = (u - l) / n``:
+
+    x_q = s * round((clip(x, l, u) - l) / s) + l                                    (Eq. 1)
+
+Backward (Eq. 2, STE for the rounding, reference doc §1), with c_hat = (clip(x) - l) / s and
+r = round(c_hat):  dx_q/dx = 1[l <= x <= u],  dx_q/du = 1[x >= u] + (r - c_hat) / n,
+dx_q/dl = 1[x <= l] - (r - c_hat) / n. No gradient scaling.
+
+``quantize`` puts 16 quantizers in every Swin block, where 2DQuant puts them: the inputs and
+weights of q, k, v (qkv split in three, each with its own input quantizer on the same tensor),
+proj, fc1 and fc2, and both operands of Q·K^T (Q after scaling) and of softmax·V. Convolutions,
+LayerNorm, softmax, biases and residuals stay in floating point.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_BITS, MAX_BITS = 2, 8
+MIN_RANGE = 1e-6  # u is raised to l + MIN_RANGE when u <= l + MIN_RANGE: never a zero or negative step
+
+# Quantizer kinds; ``ONE_SIDED_KINDS`` are the exponential-like tensors of the paper (after softmax / GELU).
+WEIGHT, LINEAR_INPUT, POST_GELU, QUERY, KEY, POST_SOFTMAX, VALUE = (
+    "weight", "linear_input", "post_gelu", "query", "key", "post_softmax", "value")
+ONE_SIDED_KINDS = (POST_SOFTMAX, POST_GELU)
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """Eq. (1) forward, Eq. (2) backward; ``lower``/``upper`` broadcast against ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, lower, upper, levels):
+        step = (upper - lower) / levels
+        c_hat = torch.clamp(x, lower, upper).sub_(lower).div_(step)  # in place: same ops as Eq. 1, fewer buffers
+        if any(ctx.needs_input_grad[:3]):
+            r = torch.round(c_hat)
+            ctx.save_for_backward(x, lower, upper, r - c_hat)
+            ctx.levels = levels
+        else:
+            r = c_hat.round_()
+        return r.mul_(step).add_(lower)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lower, upper, rounding = ctx.saved_tensors
+        below, above = x <= lower, x >= upper
+        grad_x = grad * ~((x < lower) | (x > upper))
+        frac = rounding / ctx.levels
+        grad_u = (grad * (above + frac)).sum_to_size(upper.shape)
+        grad_l = (grad * (below.to(grad.dtype) - frac)).sum_to_size(lower.shape)
+        return grad_x, grad_l, grad_u, None
+
+
+def repaired_upper(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """The rule for crossed bounds: ``u`` is raised to ``l + MIN_RANGE`` (gradient flows to the larger)."""
+    return torch.maximum(upper, lower + MIN_RANGE)
+
+
+def fake_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eq. (1) with Eq. (2) gradients. ``lower``/``upper``: tensors broadcastable to ``x`` (e.g. (1,)
+    per tensor, (C, 1) per output channel); ``u <= l`` is repaired by :func:`repaired_upper`."""
+    levels = 2 ** check_bits(bits) - 1
+    lower = torch.as_tensor(lower, dtype=x.dtype, device=x.device)
+    upper = torch.as_tensor(upper, dtype=x.dtype, device=x.device)
+    return _FakeQuantize.apply(x, lower, repaired_upper(lower, upper), levels)
+
+
+class FakeQuantizer(nn.Module):
+    """Learnable (l, u) of one tensor: per tensor (shape (1,)) or per output channel ((C, 1)).
+
+    Modes: ``"quantize"`` (Eq. 1), ``"off"`` (FP pass-through), ``"observe"`` (pass-through that
+    hands the tensor to ``observer(quantizer, x)``, for streaming calibration).
+    """
+
+    def __init__(self, kind: str, bits: int, channels: int | None = None):
+        super().__init__()
+        self.kind, self.bits = kind, check_bits(bits)
+        shape = (channels, 1) if channels else (1,)
+        self.lower = nn.Parameter(torch.full(shape, -1.0))
+        self.upper = nn.Parameter(torch.full(shape, 1.0))
+        self.mode = "quantize"
+        self.observer: Callable[[FakeQuantizer, torch.Tensor], None] | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.lower.shape != (1,)
+
+    def set_bounds(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        with torch.no_grad():
+            self.lower.copy_(torch.as_tensor(lower).reshape(self.lower.shape))
+            self.upper.copy_(torch.as_tensor(upper).reshape(self.upper.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observer(self, x)
+            return x
+        return fake_quantize(x, self.lower, self.upper, self.bits)
+
+    @torch.no_grad()
+    def clipped_fraction(self, x: torch.Tensor) -> float:
+        """Fraction of the elements of ``x`` outside [l, u]."""
+        return float(((x < self.lower) | (x > repaired_upper(self.lower, self.upper))).float().mean())
+
+    def extra_repr(self) -> str:
+        bounds = (f"l={self.lower.item():.4g}, u={self.upper.item():.4g}" if not self.per_channel
+                  else f"{self.lower.shape[0]} channels")
+        return f"kind={self.kind}, bits={self.bits}, {bounds}, mode={self.mode}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Where and how to quantize. ``weight_bits``/``act_bits`` default to ``bits`` (W_bA_b)."""
+
+    bits: int = 4
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    split_qkv: bool = True
+    per_channel_weights: bool = False
+
+    def __post_init__(self):
+        for bits in (self.bits, self.weight_bits, self.act_bits):
+            if bits is not None:
+                check_bits(bits)
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_bits or self.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.act_bits or self.bits
+
+
+class QuantLinear(nn.Module):
+    """``linear(act(x), weight(W), b)``: quantizers ``act`` (input) and ``weight``; the FP layer is ``linear``."""
+
+    def __init__(self, linear: nn.Linear, input_kind: str, config: QuantConfig):
+        super().__init__()
+        self.linear = linear
+        self.act = FakeQuantizer(input_kind, config.a_bits)
+        self.weight = FakeQuantizer(WEIGHT, config.w_bits, linear.out_features if config.per_channel_weights else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(x), self.weight(self.linear.weight), self.linear.bias)
+
+
+class SplitQuantLinear(nn.Module):
+    """The qkv projection as three :class:`QuantLinear` ``q``, ``k``, ``v`` (row blocks of W), as released."""
+
+    def __init__(self, linear: nn.Linear, config: QuantConfig, parts: tuple[str, ...] = ("q", "k", "v")):
+        super().__init__()
+        rows = linear.out_features // len(parts)
+        for i, name in enumerate(parts):
+            part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None)
+            with torch.no_grad():
+                part.weight.copy_(linear.weight[i * rows:(i + 1) * rows])
+                if linear.bias is not None:
+                    part.bias.copy_(linear.bias[i * rows:(i + 1) * rows])
+            self.add_module(name, QuantLinear(part.to(linear.weight.device), LINEAR_INPUT, config))
+        self.parts = parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, name)(x) for name in self.parts], dim=-1)
+
+
+class QuantMatMul(nn.Module):
+    """``quantize(a) @ quantize(b)`` with quantizers named after the operands (e.g. ``q``, ``k``)."""
+
+    def __init__(self, names: tuple[str, str], kinds: tuple[str, str], config: QuantConfig):
+        super().__init__()
+        self.names = names
+        for name, kind in zip(names, kinds):
+            self.add_module(name, FakeQuantizer(kind, config.a_bits))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa, qb = (getattr(self, name) for name in self.names)
+        return qa(a) @ qb(b)
+
+
+def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """A fake-quantized copy of a SwinIR(-light) model (the FP model is untouched); 16 quantizers
+    per Swin block, 384 for SwinIR-light. Bounds start at (-1, 1): calibrate before use."""
+    config = config or QuantConfig()
+    qmodel = copy.deepcopy(model)
+    for layer in qmodel.layers:
+        for block in layer.blocks:
+            attn, mlp = block.attn, block.mlp
+            attn.qkv = SplitQuantLinear(attn.qkv, config) if config.split_qkv else QuantLinear(attn.qkv, LINEAR_INPUT, config)
+            attn.proj = QuantLinear(attn.proj, LINEAR_INPUT, config)
+            mlp.fc1 = QuantLinear(mlp.fc1, LINEAR_INPUT, config)
+            mlp.fc2 = QuantLinear(mlp.fc2, POST_GELU, config)
+            attn.matmul_qk = QuantMatMul(("q", "k"), (QUERY, KEY), config)
+            attn.matmul_av = QuantMatMul(("attn", "v"), (POST_SOFTMAX, VALUE), config)
+    qmodel.quant_config = config
+    return qmodel
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:
+    """(stable name, quantizer) pairs in forward order, e.g. ``layers.0.blocks.1.mlp.fc2.act``."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantizer))
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    """Put every quantizer of ``model`` in ``"quantize"``, ``"off"`` or ``"observe"`` mode."""
+    if mode not in ("quantize", "off", "observe"):
+        raise ValueError(f"unknown quantizer mode {mode!r}")
+    for _, quantizer in quantizers(model):
+        quantizer.mode = mode
+
+
+def bounds_table(model: nn.Module):
+    """A pandas DataFrame of every quantizer: name, kind, bits, lower, upper (per-tensor bounds)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"name": name, "kind": q.kind, "bits": q.bits,
+                          "lower": q.lower.detach().min().item(), "upper": q.upper.detach().max().item()}
+                         for name, q in quantizers(model)])

@@ -1,0 +1,174 @@
+"""Fake quantizer (Eq. 1 and 2), model quantization and calibration (MinMax, Percentile, DOBI)."""
+import pytest
+import torch
+
+from quantlab import calibrate
+from quantlab.calibrate import dobi_candidates, dobi_search, percentile_bounds, quantization_error
+from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
+from quantlab.swinir import SwinIR, SwinIRConfig
+
+TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)
+
+
+def eq1(x, lower, upper, bits):
+    """Eq. (1) written as in the paper, for reference."""
+    step = (upper - lower) / (2**bits - 1)
+    return torch.round((torch.clamp(x, lower, upper) - lower) / step) * step + lower
+
+
+def test_forward_is_eq1_on_a_grid():
+    x = torch.linspace(-2, 2, 10001, dtype=torch.float64)
+    lower, upper = torch.tensor([-0.7], dtype=torch.float64), torch.tensor([1.3], dtype=torch.float64)
+    for bits in (2, 3, 4, 8):
+        out = fake_quantize(x, lower, upper, bits)
+        assert len(out.unique()) == 2**bits
+        assert (out - eq1(x, lower, upper, bits)).abs().max() < 1e-12
+
+
+def test_backward_is_eq2():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(500, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+    lower = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
+    upper = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(500, generator=gen, dtype=torch.float64)
+    fake_quantize(x, lower, upper, 3).backward(upstream)
+    n = 7
+    step = (upper - lower).detach() / n
+    c_hat = (x.detach().clamp(lower.item(), upper.item()) - lower.detach()) / step
+    frac = (torch.round(c_hat) - c_hat) / n
+    inside = (x >= lower) & (x <= upper)
+    assert torch.allclose(x.grad, upstream * inside)
+    assert torch.allclose(upper.grad, (upstream * ((x >= upper).double() + frac)).sum())
+    assert torch.allclose(lower.grad, (upstream * ((x <= lower).double() - frac)).sum())
+
+
+def test_bits_checked_and_crossed_bounds_never_nan():
+    with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
+        fake_quantize(torch.zeros(3), torch.tensor([0.0]), torch.tensor([1.0]), 9)
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=1)
+    lower = torch.tensor([0.5], requires_grad=True)
+    upper = torch.tensor([0.2], requires_grad=True)
+    out = fake_quantize(torch.linspace(-1, 1, 50), lower, upper, 4)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(lower.grad).all() and torch.isfinite(upper.grad).all()
+
+
+def test_per_channel_quantizer_and_inspection():
+    quantizer = FakeQuantizer("weight", 4, channels=3)
+    quantizer.set_bounds(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([1.0, 2.0, 3.0]))
+    w = torch.linspace(-4, 4, 12).view(3, 4)
+    out = quantizer(w)
+    assert out[0].abs().max() <= 1 and out[2].abs().max() <= 3
+    assert quantizer.clipped_fraction(w) == pytest.approx(
+        float(((w.abs() > torch.tensor([[1.0], [2.0], [3.0]]))).float().mean()))
+    quantizer.mode = "off"
+    assert torch.equal(quantizer(w), w)
+
+
+def test_swinir_light_gets_384_named_quantizers_and_fp_model_is_untouched():
+    model = SwinIR(SwinIRConfig()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = quantize(model, QuantConfig(bits=4))
+    named = dict(quantizers(qmodel))
+    assert len(named) == 384
+    block = "layers.0.blocks.1"
+    expected = {f"{block}.attn.qkv.{p}.{t}" for p in "qkv" for t in ("act", "weight")} | {
+        f"{block}.attn.proj.act", f"{block}.attn.proj.weight", f"{block}.mlp.fc1.act", f"{block}.mlp.fc1.weight",
+        f"{block}.mlp.fc2.act", f"{block}.mlp.fc2.weight", f"{block}.attn.matmul_qk.q", f"{block}.attn.matmul_qk.k",
+        f"{block}.attn.matmul_av.attn", f"{block}.attn.matmul_av.v"}
+    assert expected == {n for n in named if n.startswith(block + ".")}
+    assert named[f"{block}.mlp.fc2.act"].kind == "post_gelu"
+    assert named[f"{block}.attn.matmul_av.attn"].kind == "post_softmax"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FakeQuantizer) for m in model.modules())
+    split = QuantConfig(bits=3, weight_bits=4, split_qkv=False)
+    joint = dict(quantizers(quantize(model, split)))
+    assert len(joint) == 24 * 12
+    assert joint[f"{block}.attn.qkv.weight"].bits == 4 and joint[f"{block}.attn.qkv.act"].bits == 3
+
+
+def test_quantizers_off_reproduce_the_fp_model():
+    model = SwinIR(TINY).eval()
+    qmodel = quantize(model)
+    set_mode(qmodel, "off")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(qmodel(x), model(x), atol=1e-6)
+
+
+def brute_force_dobi(x, bits, symmetric, num_points):
+    lower, upper = dobi_candidates(x.min(), x.max(), symmetric, num_points)
+    best, best_err = None, float("inf")
+    for lo, hi in zip(lower, upper):
+        err = torch.linalg.norm(x - eq1(x, lo, hi, bits)).item()
+        if err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_dobi_search_equals_brute_force(symmetric, bits):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(20000, generator=gen) if symmetric else torch.distributions.Exponential(3.0).sample((20000,))
+    lower, upper = dobi_search(x, bits, symmetric, num_points=100, chunk=4096)
+    ref_lower, ref_upper = brute_force_dobi(x, bits, symmetric, 100)
+    assert (lower.item(), upper.item()) == pytest.approx((ref_lower.item(), ref_upper.item()), abs=1e-6)
+    if not symmetric:
+        assert lower == x.min()
+    hist_lower, hist_upper = dobi_search(x, bits, symmetric, num_points=100, bins=2**14)
+    err = lambda lo, hi: quantization_error(x, lo.view(1), hi.view(1), bits).item()
+    assert err(hist_lower, hist_upper) <= 1.01 * err(lower, upper)
+
+
+def test_dobi_first_candidate_is_minmax_and_grid_shrinks_around_midrange():
+    lower, upper = dobi_candidates(torch.tensor(-1.0), torch.tensor(3.0), True, 100)
+    assert (lower[0].item(), upper[0].item()) == (-1.0, 3.0)
+    assert torch.allclose((lower + upper) / 2, torch.tensor(1.0))
+    assert upper[-1] - lower[-1] == pytest.approx(4.0 / 100)
+
+
+def test_percentile_bounds():
+    x = torch.arange(1000.0)
+    assert [v.item() for v in percentile_bounds(x, 1.0)] == [9.0, 990.0]
+    with pytest.raises(ValueError, match="percentile"):
+        percentile_bounds(x, 60)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_patches():
+    torch.manual_seed(0)
+    return SwinIR(TINY).eval(), torch.rand(4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "dobi"])
+def test_calibration_methods_set_every_quantizer(tiny_model_and_patches, method):
+    model, patches = tiny_model_and_patches
+    qmodel = calibrate.METHODS[method](quantize(model, QuantConfig(bits=4)), patches)
+    table = {name: (q.lower.item(), q.upper.item()) for name, q in quantizers(qmodel)}
+    assert all(lo < hi for lo, hi in table.values()) and all(q.mode == "quantize" for _, q in quantizers(qmodel))
+    w = model.layers[0].blocks[0].mlp.fc1.weight
+    lo, hi = table["layers.0.blocks.0.mlp.fc1.weight"]
+    if method == "minmax":
+        assert (lo, hi) == (w.min().item(), w.max().item())
+    else:
+        assert w.min().item() <= lo and hi <= w.max().item()
+
+
+def test_dobi_paper_mode_is_one_sided_on_softmax(tiny_model_and_patches):
+    model, patches = tiny_model_and_patches
+    paper = dict(quantizers(calibrate.dobi(quantize(model), patches, mode="paper")))
+    release = dict(quantizers(calibrate.dobi(quantize(model), patches, mode="release")))
+    minmax = dict(quantizers(calibrate.minmax(quantize(model), patches)))
+    name = "layers.0.blocks.0.attn.matmul_av.attn"
+    assert paper[name].lower.item() == minmax[name].lower.item()
+    assert release[name].lower.item() >= minmax[name].lower.item()
+
+
+def test_nan_calibration_data_is_refused(tiny_model_and_patches):
+    model, patches = tiny_model_and_patches
+    bad = patches.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate.minmax(quantize(model), bad)
