@@ -1,4 +1,4 @@
-"""Command line: ``quantlab eval`` and ``quantlab train``."""
+"""Command line: ``quantlab eval``, ``quantlab quantize`` and ``quantlab train``."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,9 @@ import torch
 
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .distill import PRESETS
+from .pipeline import METHODS, load_quantized, quantize_with, save_quantized
+from .quant import quantizers
 from .results import psnr_ssim_table, write_csv_atomic
 from .train import TrainConfig, Trainer
 
@@ -55,8 +58,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json and len(pairs) > 1:
         raise ValueError(f"--json prints one model at one scale; got {len(pairs)}: {pairs}")
     frames = []
+    if args.quantized and (len(pairs) != 1 or pairs[0][0] == "bicubic"):
+        raise ValueError("--quantized needs exactly one FP model (--model default-x2 or a checkpoint path)")
     for name, scale in pairs:
         method = "bicubic" if name == "bicubic" else load_model(name, device=args.device)
+        if args.quantized:
+            method = load_quantized(args.quantized, method)
+            name = f"{model_label(name)}+{Path(args.quantized).stem}"
         scores = evaluate(method, comma_list(args.datasets), scale, pad=args.pad, limit=args.limit,
                           progress=not args.json)
         frames.append(scores.assign(method=model_label(name), scale=scale))
@@ -72,6 +80,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(psnr_ssim_table(summary).to_string())
     if args.out:
         print(f"\nwritten: {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'per_image.csv'}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fp_model = load_model(args.model, device=args.device)
+    qmodel = quantize_with(fp_model, args.method, bits=args.bits, preset=args.preset, train_folder=args.data,
+                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method == "2dquant" else None)
+    save_quantized(qmodel, fp_model, args.out)
+    print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -103,9 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ev.add_argument("--quantized", default=None, help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
     ev.add_argument("--out", default=None, help="folder for per_image.csv and summary.csv")
     ev.set_defaults(func=cmd_eval)
+
+    qu = sub.add_parser("quantize", help="calibrate a quantized model and save its bounds")
+    qu.add_argument("--model", default="default-x2", help="default-x2/x3/x4 or an FP checkpoint path")
+    qu.add_argument("--method", required=True, choices=METHODS)
+    qu.add_argument("--bits", type=int, default=4, help="bits of weights and activations (2-8)")
+    qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="DQC preset for 2dquant")
+    qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
+    qu.add_argument("--threads", type=int, default=None)
+    qu.add_argument("--device", default=None)
+    qu.add_argument("--out", required=True, help="quantized-model file (.pt); DQC resumes from <out>.dqc.pt")
+    qu.set_defaults(func=cmd_quantize)
 
     tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")
     tr.add_argument("--scale", type=int, default=2)

@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 def read_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8 RGB; grayscale and palette images are expanded to 3 channels."""
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -1,0 +1,92 @@
+"""PTQ methods end to end (FP model -> calibrated quantized model) and quantized-model files.
+
+A quantized-model file is small: the bounds of every quantizer, the :class:`QuantConfig`, the
+method and preset, and the SHA-256 of the FP weights it was calibrated on; loading it against a
+different FP model is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import calibrate
+from .data import calibration_patches
+from .distill import dqc, get_preset
+from .quant import QuantConfig, quantize, quantizers
+
+METHODS = ("minmax", "percentile", "dobi", "2dquant")
+FORMAT = "quantlab-quantized-v1"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the FP model's parameters (names, shapes and float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
+                  patches: torch.Tensor | None = None, config: QuantConfig | None = None,
+                  train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
+                  progress: bool = True, **dqc_overrides) -> nn.Module:
+    """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
+    batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``2dquant`` = DOBI
+    (mode from the preset) then DQC with ``preset``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    config = config or QuantConfig(bits=bits)
+    if patches is None:
+        patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)
+    qmodel = quantize(fp_model, config)
+    if method == "2dquant":
+        calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
+        dqc(qmodel, fp_model, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
+            **dqc_overrides)
+    else:
+        calibrate.METHODS[method](qmodel, patches)
+    qmodel.quant_info = {"method": method, "preset": preset if method == "2dquant" else None}
+    return qmodel
+
+
+def save_quantized(qmodel: nn.Module, fp_model: nn.Module, path: str | Path) -> None:
+    """Write bounds + config + method + FP fingerprint (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "meta": json.dumps({"config": asdict(qmodel.quant_config), "fp_sha256": weights_fingerprint(fp_model),
+                            "scale": fp_model.config.scale, **getattr(qmodel, "quant_info", {})}),
+        "bounds": {name: torch.stack([q.lower.detach().cpu(), q.upper.detach().cpu()]) for name, q in quantizers(qmodel)},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
+    """Rebuild the quantized model of ``path`` on ``fp_model``; refuses a file made for other weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no quantized-model file at {path}; make one with 'quantlab quantize ... --out {path}'")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a quantlab quantized-model file ({FORMAT})")
+    meta = json.loads(payload["meta"])
+    if meta["fp_sha256"] != weights_fingerprint(fp_model):
+        raise ValueError(f"{path} was calibrated on other FP weights (sha256 {meta['fp_sha256'][:12]}...); "
+                         "load it with the FP model it was made from")
+    qmodel = quantize(fp_model, QuantConfig(**meta["config"]))
+    named = dict(quantizers(qmodel))
+    if set(named) != set(payload["bounds"]):
+        raise ValueError(f"{path} does not match the quantizer layout of this model")
+    for name, bounds in payload["bounds"].items():
+        named[name].set_bounds(bounds[0], bounds[1])
+    qmodel.quant_info = {"method": meta.get("method"), "preset": meta.get("preset")}
+    return qmodel.to(next(fp_model.parameters()).device)

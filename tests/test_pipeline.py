@@ -1,0 +1,111 @@
+"""DQC losses and training, quantized-model files, and the quantize CLI."""
+import pytest
+import torch
+
+from quantlab import calibrate
+from quantlab.cli import main
+from quantlab.checkpoints import save_model
+from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
+from quantlab.pipeline import load_quantized, quantize_with, save_quantized
+from quantlab.quant import QuantConfig, quantize, quantizers
+from quantlab.swinir import SwinIR, SwinIRConfig
+
+TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)
+
+
+@pytest.fixture(scope="module")
+def fp_model():
+    torch.manual_seed(0)
+    return SwinIR(TINY).eval()
+
+
+def test_feature_loss_is_per_sample():
+    """Each sample is normalized by its own norm: scaling one sample's features changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    f, fq = torch.randn(3, 16, 4, generator=gen), torch.randn(3, 16, 4, generator=gen)
+    scaled = fq.clone()
+    scaled[1] *= 7.0
+    assert feature_loss(scaled, f) == pytest.approx(feature_loss(fq, f).item())
+    assert feature_loss(f, f) == pytest.approx(0.0, abs=1e-7)
+    single = [feature_loss(fq[i:i + 1], f[i:i + 1]) for i in range(3)]
+    assert feature_loss(fq, f) == pytest.approx(torch.stack(single).mean().item())
+
+
+def test_release_output_loss_scaling():
+    a, b = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    assert output_loss(a, b) == pytest.approx(1.0)
+    assert output_loss(a, b, "release") == pytest.approx(96 / (2 * 48**2))
+
+
+def test_dqc_trains_only_bounds_and_lowers_the_output_error(fp_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    base = calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches)
+    weights = {k: v.clone() for k, v in base.state_dict().items() if not k.endswith((".lower", ".upper"))}
+    settings = dict(iterations=40, batch_size=4, patch_size=16, checkpoint_every=10, progress=False)
+    trained = dqc(quantize_copy(base), fp_model, "quick", **settings)
+    from quantlab.data import calibration_patches
+    held_out = calibration_patches(n=8, size=16, scale=2, seed=5)
+    with torch.no_grad():
+        target = fp_model(held_out)
+        assert output_loss(trained(held_out), target) < 0.9 * output_loss(base(held_out), target)
+    assert all(torch.equal(weights[k], v) for k, v in trained.state_dict().items() if k in weights)
+    assert any(not torch.equal(a, b) for a, b in zip(bound_parameters(trained), bound_parameters(base)))
+
+
+
+def test_dqc_resume_after_interruption_equals_straight_run(fp_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    base = calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches)
+    settings = dict(iterations=12, batch_size=2, patch_size=16, checkpoint_every=4, progress=False)
+    straight = dqc(quantize_copy(base), fp_model, "quick", checkpoint=tmp_path / "a.pt", **settings)
+
+    from quantlab.data import PatchSampler
+    real_sample, calls = PatchSampler.sample, []
+
+    def killed_at_seven(self, n):
+        calls.append(n)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_sample(self, n)
+
+    monkeypatch.setattr(PatchSampler, "sample", killed_at_seven)
+    with pytest.raises(KeyboardInterrupt):
+        dqc(quantize_copy(base), fp_model, "quick", checkpoint=tmp_path / "b.pt", **settings)
+    monkeypatch.setattr(PatchSampler, "sample", real_sample)
+    resumed = dqc(quantize_copy(base), fp_model, "quick", checkpoint=tmp_path / "b.pt", **settings)
+    assert len(resumed.dqc_history) == 12
+    assert all(torch.equal(a, b) for a, b in zip(bound_parameters(straight), bound_parameters(resumed)))
+
+
+def quantize_copy(qmodel):
+    import copy
+    return copy.deepcopy(qmodel)
+
+
+def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path):
+    patches = torch.rand(2, 3, 16, 16)
+    qmodel = quantize_with(fp_model, "dobi", bits=4, patches=patches)
+    save_quantized(qmodel, fp_model, tmp_path / "q.pt")
+    again = load_quantized(tmp_path / "q.pt", fp_model)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), again(x))
+    assert again.quant_info["method"] == "dobi"
+    other = SwinIR(TINY).eval()
+    with pytest.raises(ValueError, match="other FP weights"):
+        load_quantized(tmp_path / "q.pt", other)
+    with pytest.raises(FileNotFoundError, match="quantlab quantize"):
+        load_quantized(tmp_path / "none.pt", fp_model)
+
+
+def test_quantize_and_eval_cli(fp_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    save_model(fp_model, tmp_path / "fp.safetensors")
+    out = tmp_path / "q4.pt"
+    main(["quantize", "--model", str(tmp_path / "fp.safetensors"), "--method", "minmax", "--bits", "4", "--out", str(out)])
+    assert out.is_file() and "64 quantizers" in capsys.readouterr().out
+    main(["eval", "--model", str(tmp_path / "fp.safetensors"), "--quantized", str(out), "--datasets", "Set5",
+          "--limit", "1", "--json"])
+    assert '"Set5"' in capsys.readouterr().out
