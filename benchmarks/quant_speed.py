@@ -1,0 +1,102 @@
+"""DOBI calibration speed/memory and fake-quantized inference cost, against their targets.
+
+    python benchmarks/quant_speed.py [--model default-x2|PATH] [--bits 4]
+
+Prints: whole-model DOBI on 32 LR patches 3x64x64 (target <= 10 s, peak RSS <= 4 GiB), the
+speed-up of the batched search over a per-candidate loop (measured on the first Swin block and
+scaled by element count), and Set5 inference time of the quantized vs the FP model (target <= 1.5x).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from quantlab import calibrate, load_model
+from quantlab.calibrate import dobi_candidates, dobi_search
+from quantlab.data import calibration_patches
+from quantlab.evaluation import evaluate
+from quantlab.quant import QuantConfig, fake_quantize, quantize, quantizers, set_mode
+from quantlab.swinir import SwinIR, SwinIRConfig
+
+
+def fp_model(source: str) -> tuple[torch.nn.Module, str]:
+    try:
+        return load_model(source), source
+    except FileNotFoundError:
+        torch.manual_seed(0)
+        return SwinIR(SwinIRConfig(scale=2)).eval(), "random-init SwinIR-light x2 (no default model shipped yet)"
+
+
+def loop_dobi(x: torch.Tensor, bits: int, symmetric: bool, num_points: int = 100):
+    """The straightforward search: one full pass over x per candidate."""
+    lower, upper = dobi_candidates(x.min(), x.max(), symmetric, num_points)
+    errors = [torch.linalg.norm(x - fake_quantize(x, lo.view(1), hi.view(1), bits)) for lo, hi in zip(lower, upper)]
+    return int(torch.argmin(torch.stack(errors)))
+
+
+def first_block_tensors(qmodel, patches):
+    """The tensors the first block's quantizers see (for the loop comparison)."""
+    seen = {}
+    prefix = "layers.0.blocks.0."
+    names = {q: n for n, q in quantizers(qmodel)}
+
+    def record(q, x):
+        if names[q].startswith(prefix) and x.data_ptr() not in {t.data_ptr() for t in seen.values()}:
+            seen[names[q]] = x.detach().clone()
+    for q in names:
+        q.observer = record
+    set_mode(qmodel, "observe")
+    with torch.no_grad():
+        qmodel(patches)
+    set_mode(qmodel, "quantize")
+    return seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default-x2")
+    parser.add_argument("--bits", type=int, default=4)
+    args = parser.parse_args()
+    model, label = fp_model(args.model)
+    patches = calibration_patches(n=32, size=64, scale=model.config.scale)
+    print(f"model: {label}; threads: {torch.get_num_threads()}; calibration batch {tuple(patches.shape)}")
+
+    qmodel = quantize(model, QuantConfig(bits=args.bits))
+    start = time.perf_counter()
+    calibrate.dobi(qmodel, patches, mode="paper")
+    dobi_seconds = time.perf_counter() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"DOBI whole model (384 quantizers, histogram scoring): {dobi_seconds:.1f} s   target 10 s   "
+          f"ratio {dobi_seconds / 10:.2f}")
+    print(f"peak RSS of this process so far: {peak_gib:.2f} GiB   target 4 GiB   ratio {peak_gib / 4:.2f}")
+
+    tensors = first_block_tensors(quantize(model, QuantConfig(bits=args.bits)), patches)
+    block_elements = sum(t.numel() for t in tensors.values())
+    timings = {}
+    for name, search in (("loop", lambda t: loop_dobi(t, args.bits, True)),
+                         ("batched exact", lambda t: dobi_search(t, args.bits, True)),
+                         ("batched histogram", lambda t: dobi_search(t, args.bits, True, bins=2**14))):
+        start = time.perf_counter()
+        for t in tensors.values():
+            search(t)
+        timings[name] = time.perf_counter() - start
+    print(f"first block, {len(tensors)} distinct tensors, {block_elements / 1e6:.1f} M elements:")
+    for name, seconds in timings.items():
+        print(f"  {name:18s} {seconds:7.2f} s   speed-up over loop {timings['loop'] / seconds:6.1f}x")
+
+    timings = {}
+    for name, net in (("FP", model), ("fake-quantized", qmodel)):
+        evaluate(net, ["Set5"], model.config.scale, limit=1, progress=False)  # warm-up
+        start = time.perf_counter()
+        evaluate(net, ["Set5"], model.config.scale, progress=False)
+        timings[name] = time.perf_counter() - start
+    ratio = timings["fake-quantized"] / timings["FP"]
+    print(f"Set5 x{model.config.scale} evaluation: FP {timings['FP']:.1f} s, fake-quantized "
+          f"{timings['fake-quantized']:.1f} s   ratio {ratio:.2f}x   target 1.5x")
+
+
+if __name__ == "__main__":
+    main()
