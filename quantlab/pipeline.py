@@ -1,8 +1,8 @@
 """PTQ methods end to end (FP model -> calibrated quantized model) and quantized-model files.
 
 A quantized-model file is small: the bounds of every quantizer, the :class:`QuantConfig`, the
-method and preset, and the SHA-256 of the FP weights it was calibrated on; loading it against a
-different FP model is refused.
+method and preset, the SHA-256 of the FP weights it was calibrated on (loading it against a
+different FP model is refused) and, for CondiQuant, the conditioned linear weights.
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from . import calibrate
+from .condition import condition_model
 from .data import calibration_patches
 from .distill import dqc, get_preset
 from .quant import QuantConfig, quantize, quantizers
 
-METHODS = ("minmax", "percentile", "dobi", "2dquant")
+METHODS = ("minmax", "percentile", "dobi", "2dquant", "condiquant")
+CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices
 FORMAT = "quantlab-quantized-v1"
 
 
@@ -35,24 +37,39 @@ def weights_fingerprint(model: nn.Module) -> str:
 def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
                   patches: torch.Tensor | None = None, config: QuantConfig | None = None,
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
-                  progress: bool = True, **dqc_overrides) -> nn.Module:
+                  progress: bool = True, teacher: str = "original", **dqc_overrides) -> nn.Module:
     """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
     batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``2dquant`` = DOBI
-    (mode from the preset) then DQC with ``preset``."""
+    (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
+    weights on 100 patches, then 2DQuant of the conditioned model; the DQC ``teacher`` is the
+    ``original`` FP model (default) or the ``conditioned`` one."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     config = config or QuantConfig(bits=bits)
     if patches is None:
         patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)
-    qmodel = quantize(fp_model, config)
-    if method == "2dquant":
+    if teacher not in ("original", "conditioned"):
+        raise ValueError(f"teacher must be 'original' or 'conditioned', got {teacher!r}")
+    student_fp, teacher_fp = fp_model, fp_model
+    if method == "condiquant":
+        gram_patches = calibration_patches(n=CONDITIONING_PATCHES, size=64, scale=fp_model.config.scale,
+                                           folder=train_folder)
+        student_fp, _ = condition_model(fp_model, gram_patches, progress=progress)
+        teacher_fp = student_fp if teacher == "conditioned" else fp_model
+    qmodel = quantize(student_fp, config)
+    if method in ("2dquant", "condiquant"):
         calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
-        dqc(qmodel, fp_model, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
+        dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
             **dqc_overrides)
     else:
         calibrate.METHODS[method](qmodel, patches)
-    qmodel.quant_info = {"method": method, "preset": preset if method == "2dquant" else None}
+    qmodel.quant_info = {"method": method, "preset": preset if method in ("2dquant", "condiquant") else None}
     return qmodel
+
+
+def linear_weights(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    """The FP weights inside the quantized linear layers (changed by CondiQuant's conditioning)."""
+    return {k: v.detach().cpu() for k, v in qmodel.state_dict().items() if k.endswith(".linear.weight")}
 
 
 def save_quantized(qmodel: nn.Module, fp_model: nn.Module, path: str | Path) -> None:
@@ -65,6 +82,8 @@ def save_quantized(qmodel: nn.Module, fp_model: nn.Module, path: str | Path) -> 
                             "scale": fp_model.config.scale, **getattr(qmodel, "quant_info", {})}),
         "bounds": {name: torch.stack([q.lower.detach().cpu(), q.upper.detach().cpu()]) for name, q in quantizers(qmodel)},
     }
+    if getattr(qmodel, "quant_info", {}).get("method") == "condiquant":
+        payload["weights"] = linear_weights(qmodel)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -88,5 +107,9 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
         raise ValueError(f"{path} does not match the quantizer layout of this model")
     for name, bounds in payload["bounds"].items():
         named[name].set_bounds(bounds[0], bounds[1])
+    if "weights" in payload:  # CondiQuant: the conditioned linear weights
+        unexpected = qmodel.load_state_dict(payload["weights"], strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{path} holds weights this model does not have: {unexpected[:4]}")
     qmodel.quant_info = {"method": meta.get("method"), "preset": meta.get("preset")}
     return qmodel.to(next(fp_model.parameters()).device)

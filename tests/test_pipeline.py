@@ -6,7 +6,7 @@ from quantlab import calibrate
 from quantlab.cli import main
 from quantlab.checkpoints import save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
-from quantlab.pipeline import load_quantized, quantize_with, save_quantized
+from quantlab.pipeline import linear_weights, load_quantized, quantize_with, save_quantized
 from quantlab.quant import QuantConfig, quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -109,3 +109,22 @@ def test_quantize_and_eval_cli(fp_model, tmp_path, capsys, monkeypatch):
     main(["eval", "--model", str(tmp_path / "fp.safetensors"), "--quantized", str(out), "--datasets", "Set5",
           "--limit", "1", "--json"])
     assert '"Set5"' in capsys.readouterr().out
+
+
+def test_condiquant_pipeline_conditions_quantizes_and_round_trips(fp_model, tmp_path):
+    from quantlab.condition import condition_numbers
+    patches = torch.rand(2, 3, 16, 16)
+    qmodel = quantize_with(fp_model, "condiquant", bits=4, patches=patches, progress=False,
+                           iterations=2, batch_size=2, patch_size=16)
+    fp_kappa = condition_numbers(fp_model)
+    conditioned = {k.replace(".linear.weight", ""): v for k, v in linear_weights(qmodel).items()}
+    fc2 = "layers.0.blocks.0.mlp.fc2"
+    s = torch.linalg.svdvals(conditioned[fc2])
+    assert (s.max() / s.min()).item() < fp_kappa[fc2]
+    save_quantized(qmodel, fp_model, tmp_path / "c.pt")
+    again = load_quantized(tmp_path / "c.pt", fp_model)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), again(x))
+    with pytest.raises(ValueError, match="teacher"):
+        quantize_with(fp_model, "condiquant", patches=patches, teacher="student")
