@@ -87,7 +87,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
     qmodel = quantize_with(fp_model, args.method, bits=args.bits, preset=args.preset, train_folder=args.data,
-                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method == "2dquant" else None)
+                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method in ("2dquant", "condiquant") else None)
     save_quantized(qmodel, fp_model, args.out)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--model", default="default-x2", help="default-x2/x3/x4 or an FP checkpoint path")
     qu.add_argument("--method", required=True, choices=METHODS)
     qu.add_argument("--bits", type=int, default=4, help="bits of weights and activations (2-8)")
-    qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="DQC preset for 2dquant")
+    qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="preset of the bound training: DQC for 2dquant/condiquant, "
+                    "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=int, default=None)
     qu.add_argument("--device", default=None)

@@ -17,10 +17,12 @@ from torch import nn
 from . import calibrate
 from .condition import condition_model
 from .data import calibration_patches
+from .dbdc import dbdc_pac
 from .distill import dqc, get_preset
 from .quant import QuantConfig, quantize, quantizers
 
-METHODS = ("minmax", "percentile", "dobi", "2dquant", "condiquant")
+METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "2dquant", "condiquant")
+TUNED = ("dbdc_pac", "2dquant", "condiquant")  # methods that train bounds and take a preset
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices
 FORMAT = "quantlab-quantized-v1"
 
@@ -39,7 +41,8 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
                   progress: bool = True, teacher: str = "original", **dqc_overrides) -> nn.Module:
     """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
-    batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``2dquant`` = DOBI
+    batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``dbdc_pac`` = DBDC
+    on the patches, then Pac with ``preset`` (quick or paper). ``2dquant`` = DOBI
     (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
     weights on 100 patches, then 2DQuant of the conditioned model; the DQC ``teacher`` is the
     ``original`` FP model (default) or the ``conditioned`` one."""
@@ -61,9 +64,11 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
         calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
         dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
             **dqc_overrides)
+    elif method == "dbdc_pac":
+        dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
     else:
         calibrate.METHODS[method](qmodel, patches)
-    qmodel.quant_info = {"method": method, "preset": preset if method in ("2dquant", "condiquant") else None}
+    qmodel.quant_info = {"method": method, "preset": preset if method in TUNED else None}
     return qmodel
 
 

@@ -84,15 +84,16 @@ def quantize_copy(qmodel):
     return copy.deepcopy(qmodel)
 
 
-def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "percentile", "dbdc_pac", "dobi"])
+def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path, method):
     patches = torch.rand(2, 3, 16, 16)
-    qmodel = quantize_with(fp_model, "dobi", bits=4, patches=patches)
+    qmodel = quantize_with(fp_model, method, bits=4, patches=patches, progress=False)
     save_quantized(qmodel, fp_model, tmp_path / "q.pt")
     again = load_quantized(tmp_path / "q.pt", fp_model)
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(qmodel(x), again(x))
-    assert again.quant_info["method"] == "dobi"
+    assert again.quant_info["method"] == method
     other = SwinIR(TINY).eval()
     with pytest.raises(ValueError, match="other FP weights"):
         load_quantized(tmp_path / "q.pt", other)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from quantlab import calibrate
-from quantlab.calibrate import dobi_candidates, dobi_search, percentile_bounds, quantization_error
+from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, percentile_bounds,
+                                quantization_error)
 from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -107,20 +108,35 @@ def brute_force_dobi(x, bits, symmetric, num_points):
     return best
 
 
+def bell_or_one_sided(n, symmetric, seed):
+    """Gaussian (bell-shaped) or exponential (one-sided) data, seeded without the global RNG."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen) if symmetric else -torch.log1p(-torch.rand(n, generator=gen)) / 3
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_dobi_search_equals_brute_force(symmetric, bits):
-    gen = torch.Generator().manual_seed(bits)
-    x = torch.randn(20000, generator=gen) if symmetric else torch.distributions.Exponential(3.0).sample((20000,))
+    x = bell_or_one_sided(20000, symmetric, seed=bits)
     lower, upper = dobi_search(x, bits, symmetric, num_points=100, chunk=4096)
     ref_lower, ref_upper = brute_force_dobi(x, bits, symmetric, 100)
     assert (lower.item(), upper.item()) == pytest.approx((ref_lower.item(), ref_upper.item()), abs=1e-6)
     if not symmetric:
         assert lower == x.min()
+    approx_lower, approx_upper = dobi_search(x, bits, symmetric, num_points=100, bins=2**14)
     err = lambda lo, hi: quantization_error(x, lo.view(1), hi.view(1), bits).item()
-    for scoring in (dict(bins=2**14), dict(bins=2**12, sample=4096)):
-        approx_lower, approx_upper = dobi_search(x, bits, symmetric, num_points=100, **scoring)
-        assert err(approx_lower, approx_upper) <= 1.02 * err(lower, upper)
+    assert err(approx_lower, approx_upper) <= 1.02 * err(lower, upper)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sampled_dobi_scoring_is_within_one_percent_of_exact(symmetric, bits):
+    """The model-level default (histogram of DOBI_SAMPLE elements) on a tensor 8x that size."""
+    x = bell_or_one_sided(8 * DOBI_SAMPLE, symmetric, seed=10 + bits)
+    err = lambda bounds: quantization_error(x, bounds[0].view(1), bounds[1].view(1), bits).item()
+    exact = err(dobi_search(x, bits, symmetric))
+    sampled = err(dobi_search(x, bits, symmetric, bins=DOBI_HISTOGRAM_BINS, sample=DOBI_SAMPLE))
+    assert sampled <= 1.01 * exact
 
 
 def test_dobi_search_reads_transposed_views_without_changing_the_answer():

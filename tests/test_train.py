@@ -2,21 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from quantlab.train import TrainConfig, Trainer
-
-
-@pytest.fixture(scope="module")
-def train_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("train")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:96, 0:96] / 96.0
-    for i in range(3):
-        f1, f2 = rng.uniform(1, 4, size=2)
-        base = np.stack([np.sin(2 * np.pi * (f1 * xx + c / 3)) * np.cos(2 * np.pi * f2 * yy) for c in range(3)], -1)
-        Image.fromarray(np.uint8(127.5 + 120 * base)).save(folder / f"img{i}.png")
-    return folder
 
 
 def tiny_config(folder, **overrides) -> TrainConfig:
