@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_path
 from .swinir import SwinIR, SwinIRConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -139,8 +140,6 @@ def load_model(source: str | Path, device: str | torch.device | None = "cpu") ->
 
 def save_model(model: SwinIR, path: str | Path) -> None:
     """Save parameters only, in the official key layout, as ``.safetensors`` (atomic write)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(to_official_keys(state), str(tmp), metadata={"scale": str(model.scale)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(to_official_keys(state), str(tmp), metadata={"scale": str(model.scale)})

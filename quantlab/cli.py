@@ -12,9 +12,11 @@ import torch
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
 from .distill import PRESETS
-from .pipeline import METHODS, load_quantized, quantize_with, save_quantized
+from .pipeline import DISTILLED, METHODS, load_quantized, quantize_with, save_quantized
 from .quant import quantizers
-from .results import psnr_ssim_table, write_csv_atomic
+from .reproduce import FIGURES_DIR, NOTEBOOKS, TABLE_METHODS, NotebookFailed, reproduce
+from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, results_grid, save_table,
+                      to_markdown, write_csv_atomic)
 from .train import TrainConfig, Trainer
 
 
@@ -87,9 +89,35 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
     qmodel = quantize_with(fp_model, args.method, bits=args.bits, preset=args.preset, train_folder=args.data,
-                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method in ("2dquant", "condiquant") else None)
+                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method in DISTILLED else None)
     save_quantized(qmodel, fp_model, args.out)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sources = [args.model.format(scale=s) for s in comma_list(args.scales)]
+    results = results_grid(sources, [int(b) for b in comma_list(args.bits)], comma_list(args.methods),
+                           comma_list(args.datasets), args.preset, args.out, args.limit)
+    caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers")
+    paths = save_table(results, args.out, args.name, caption)
+    print(to_markdown(paper_layout(results, paper=True), caption))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = "full" if args.full else "quick"
+    print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {args.figures}")
+    try:
+        times = reproduce(quick=not args.full, only=comma_list(args.only) if args.only else None, out=args.out,
+                          figures=args.figures)
+    except NotebookFailed as err:
+        print(f"quantlab reproduce: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"done: {len(times)} notebooks in {sum(t for _, t in times) / 60:.1f} min")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -137,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--device", default=None)
     qu.add_argument("--out", required=True, help="quantized-model file (.pt); DQC resumes from <out>.dqc.pt")
     qu.set_defaults(func=cmd_quantize)
+
+    ta = sub.add_parser("table", help="a results table in the papers' layout, every cell cached")
+    ta.add_argument("--model", default="default-x{scale}", help="weights; {scale} is replaced per scale")
+    ta.add_argument("--scales", default="2")
+    ta.add_argument("--bits", default="4,3,2")
+    ta.add_argument("--methods", default=",".join(TABLE_METHODS), help=f"from {','.join(METHOD_LABELS)}")
+    ta.add_argument("--datasets", default="Set5,Set14")
+    ta.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    ta.add_argument("--limit", type=int, default=None, help="first N images of each set")
+    ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
+    ta.add_argument("--threads", type=int, default=None)
+    ta.add_argument("--out", default="results", help="results folder (cache + tables)")
+    ta.set_defaults(func=cmd_table)
+
+    re = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill, in dependency order")
+    mode = re.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="x2, Set5+Set14, quick presets (default; <= 15 min)")
+    mode.add_argument("--full", action="store_true", help="the papers' grid (hours; resumes through the cache)")
+    re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
+    re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")
+    re.add_argument("--figures", default=str(FIGURES_DIR), help="folder for PNG/PDF figures")
+    re.add_argument("--threads", type=int, default=None)
+    re.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")
     tr.add_argument("--scale", type=int, default=2)

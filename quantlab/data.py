@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from platformdirs import user_cache_dir
 
+from .files import atomic_path
 from .imresize import bicubic_downsample
 
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
@@ -60,9 +61,8 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def write_image_atomic(path: Path, image: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
+from .files import atomic_path
 from .quant import quantizers
 
 
@@ -137,12 +138,12 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
         state = json.loads(saved["state"]) | {"best_bounds": saved.get("best_bounds")}
 
     def save() -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"bounds": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
-                    "torch_rng": torch.get_rng_state(), "best_bounds": state["best_bounds"],
-                    "state": json.dumps({k: v for k, v in state.items() if k != "best_bounds"})}, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save({"bounds": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
+                        "torch_rng": torch.get_rng_state(), "best_bounds": state["best_bounds"],
+                        "state": json.dumps({k: v for k, v in state.items() if k != "best_bounds"})}, tmp)
 
     tap_q, tap_fp = FeatureTap(qmodel), FeatureTap(fp_model)
     qmodel.eval()  # as released: the student runs in eval mode; only the bounds learn

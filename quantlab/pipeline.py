@@ -19,10 +19,12 @@ from .condition import condition_model
 from .data import calibration_patches
 from .dbdc import dbdc_pac
 from .distill import dqc, get_preset
+from .files import atomic_path
 from .quant import QuantConfig, quantize, quantizers
 
-METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "2dquant", "condiquant")
-TUNED = ("dbdc_pac", "2dquant", "condiquant")  # methods that train bounds and take a preset
+METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "dqc", "2dquant", "condiquant")
+DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
+TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices
 FORMAT = "quantlab-quantized-v1"
 
@@ -39,13 +41,15 @@ def weights_fingerprint(model: nn.Module) -> str:
 def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
                   patches: torch.Tensor | None = None, config: QuantConfig | None = None,
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
-                  progress: bool = True, teacher: str = "original", **dqc_overrides) -> nn.Module:
+                  progress: bool = True, teacher: str = "original", conditioning_patches: int = CONDITIONING_PATCHES,
+                  **dqc_overrides) -> nn.Module:
     """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
     batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``dbdc_pac`` = DBDC
-    on the patches, then Pac with ``preset`` (quick or paper). ``2dquant`` = DOBI
+    on the patches, then Pac with ``preset`` (quick or paper). ``dqc`` = MinMax, then DQC (the
+    "DQC only" ablation of 2DQuant Table 4c). ``2dquant`` = DOBI
     (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
-    weights on 100 patches, then 2DQuant of the conditioned model; the DQC ``teacher`` is the
-    ``original`` FP model (default) or the ``conditioned`` one."""
+    weights on ``conditioning_patches`` LR patches 3x64x64, then 2DQuant of the conditioned model;
+    the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     config = config or QuantConfig(bits=bits)
@@ -55,13 +59,16 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
         raise ValueError(f"teacher must be 'original' or 'conditioned', got {teacher!r}")
     student_fp, teacher_fp = fp_model, fp_model
     if method == "condiquant":
-        gram_patches = calibration_patches(n=CONDITIONING_PATCHES, size=64, scale=fp_model.config.scale,
+        gram_patches = calibration_patches(n=conditioning_patches, size=64, scale=fp_model.config.scale,
                                            folder=train_folder)
         student_fp, _ = condition_model(fp_model, gram_patches, progress=progress)
         teacher_fp = student_fp if teacher == "conditioned" else fp_model
     qmodel = quantize(student_fp, config)
-    if method in ("2dquant", "condiquant"):
-        calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
+    if method in DISTILLED:
+        if method == "dqc":
+            calibrate.minmax(qmodel, patches)
+        else:
+            calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
         dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
             **dqc_overrides)
     elif method == "dbdc_pac":
@@ -89,9 +96,8 @@ def save_quantized(qmodel: nn.Module, fp_model: nn.Module, path: str | Path) -> 
     }
     if getattr(qmodel, "quant_info", {}).get("method") == "condiquant":
         payload["weights"] = linear_weights(qmodel)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:

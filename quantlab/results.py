@@ -1,18 +1,42 @@
-"""Result files and tables in the papers' layout."""
+"""The results cache and tables in the papers' layout.
+
+Every number of a results table is one *cell*: (model, scale, bits, method, preset, dataset,
+image limit). :class:`ResultsCache` computes a cell once, writes its per-image scores atomically
+as CSV and reuses them, and keeps the calibrated quantized models next to them, so an interrupted
+table or notebook recomputes nothing that exists. Models are identified by name plus the SHA-256 of
+their weights, so retrained weights never reuse stale numbers.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pandas as pd
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoints import load_model
+from .evaluation import evaluate, per_image
+from .files import atomic_path
+from .pipeline import DISTILLED, TUNED, load_quantized, quantize_with, save_quantized, weights_fingerprint
+
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
+METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
+                 "dbdc_pac": "DBDC+Pac", "dobi": "DOBI", "dqc": "DQC only", "2dquant": "2DQuant",
+                 "condiquant": "CondiQuant"}
+REFERENCES = ("fp", "bicubic")  # unquantized rows (bits 32 in the papers' tables)
+FP_BITS = 32
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
     """Write a CSV through a temporary file, so an interrupted run never leaves a truncated table."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def psnr_ssim_table(summary: pd.DataFrame, index: tuple[str, ...] = ("scale", "method")) -> pd.DataFrame:
@@ -20,3 +44,235 @@ def psnr_ssim_table(summary: pd.DataFrame, index: tuple[str, ...] = ("scale", "m
     cells = summary.assign(cell=[f"{p:.2f}/{s:.4f}" for p, s in zip(summary["psnr"], summary["ssim"])])
     table = cells.pivot_table(index=list(index), columns="dataset", values="cell", aggfunc="first", sort=False)
     return table[[d for d in summary["dataset"].unique()]].rename_axis(columns=None)
+
+
+def model_id(source: str | Path, model: nn.Module) -> str:
+    """``<name>-<first 10 hex of the weights' SHA-256>``, e.g. ``default-x2-3f0a...``."""
+    name = str(source) if not Path(str(source)).suffix else Path(source).stem
+    return f"{name}-{weights_fingerprint(model)[:10]}"
+
+
+class ResultsCache:
+    """Cells and quantized models under ``folder/cache`` (CSV per cell, ``.pt`` per quantized model)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder) / "cache"
+        self._models: dict[str, tuple[nn.Module, str]] = {}
+
+    def fp_model(self, source: str | Path) -> tuple[nn.Module, str]:
+        """The FP model of ``source`` (embedded name or checkpoint path) and its id, loaded once."""
+        key = str(source)
+        if key not in self._models:
+            model = load_model(source, device=None)
+            self._models[key] = model, model_id(source, model)
+        return self._models[key]
+
+    def quantized_path(self, mid: str, method: str, bits: int, preset: str) -> Path:
+        return self.folder / "quantized" / f"{mid}__{method}__{preset}__{bits}bit.pt"
+
+    def quantized(self, source: str | Path, method: str, bits: int, preset: str = "quick", progress: bool = True,
+                  **overrides) -> nn.Module:
+        """The calibrated model of ``method`` at ``bits`` (W and A): loaded when cached, else
+        calibrated with :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from
+        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``) are part of the file name."""
+        fp, mid = self.fp_model(source)
+        path = self.quantized_path(mid, method, bits, cell_tag(method, preset, overrides))
+        if path.is_file():
+            return load_quantized(path, fp)
+        checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
+        qmodel = quantize_with(fp, method, bits=bits, preset=preset, checkpoint=checkpoint, progress=progress,
+                               **overrides)
+        save_quantized(qmodel, fp, path)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+        return qmodel
+
+    def scores(self, source: str | Path, method: str, bits: int, dataset: str, preset: str = "quick",
+               limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:
+        """Per-image PSNR/SSIM of one cell (computed once, then read from its CSV)."""
+        fp, mid = self.fp_model(source)
+        scale = fp.config.scale
+        bits = FP_BITS if method in REFERENCES else bits
+        tag = cell_tag(method, preset, overrides)
+        path = self.folder / "cells" / mid / f"x{scale}__{method}__{tag}__{bits}bit__{dataset}__{limit or 'all'}.csv"
+        if path.is_file():
+            return pd.read_csv(path)
+        if method == "bicubic":
+            upscaler = "bicubic"
+        elif method == "fp":
+            upscaler = fp
+        else:
+            upscaler = self.quantized(source, method, bits, preset, progress=progress, **overrides)
+        frame = per_image(evaluate(upscaler, [dataset], scale, limit=limit, progress=progress))
+        frame = frame.assign(model=mid, scale=scale, method=method, bits=bits, preset=tag)
+        write_csv_atomic(frame, path)
+        return frame
+
+
+def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:
+    """The preset part of a cell's key: ``-`` for untuned methods, else the preset plus any
+    overrides (``quick-lr0.001``)."""
+    if method not in TUNED:
+        return "-"
+    return preset + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+
+
+def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[str],
+                 datasets: Iterable[str], preset: str = "quick", out: str | Path = "results",
+                 limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Tidy means, one row per (scale, method, bits, dataset): columns model, scale, method,
+    bits, preset, dataset, subset, images, psnr (dB), ssim. FP and Bicubic rows once per model
+    (bits 32). Every cell goes through the :class:`ResultsCache` in ``out``."""
+    cache = ResultsCache(out)
+    bits, methods, datasets = list(bits), list(methods), list(datasets)
+    unknown = [m for m in methods if m not in METHOD_LABELS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
+    jobs = [(source, method, b, dataset) for source in models for method in methods
+            for b in ([FP_BITS] if method in REFERENCES else bits) for dataset in datasets]
+    frames = [cache.scores(source, method, b, dataset, preset, limit, progress=False)
+              for source, method, b, dataset in tqdm(jobs, desc="results", disable=not progress)]
+    scores = pd.concat(frames, ignore_index=True)
+    keys = ["model", "scale", "method", "bits", "preset", "dataset", "subset"]
+    return (scores.groupby(keys, sort=False)
+            .agg(images=("image", "count"), psnr=("psnr", "mean"), ssim=("ssim", "mean")).reset_index())
+
+
+def ablation_grid(source: str | Path, bits: int, datasets: Iterable[str], variants: Mapping[str, tuple[str, dict]],
+                  preset: str = "quick", out: str | Path = "results", limit: int | None = None,
+                  progress: bool = True) -> pd.DataFrame:
+    """2DQuant Table 4 style: ``variants`` maps a row label to (method, preset overrides), e.g.
+    ``{"lr 1e-3": ("2dquant", {"lr": 1e-3})}``. One row per (variant, dataset): variant, method,
+    bits, dataset, images, psnr (dB), ssim; cells cached like :func:`results_grid`."""
+    cache = ResultsCache(out)
+    rows = []
+    jobs = [(label, method, overrides, d) for label, (method, overrides) in variants.items() for d in datasets]
+    for label, method, overrides, dataset in tqdm(jobs, desc="ablation", disable=not progress):
+        frame = cache.scores(source, method, bits, dataset, preset, limit, progress=False, **overrides)
+        rows.append({"variant": label, "method": method, "bits": bits, "dataset": dataset, "images": len(frame),
+                     "psnr": frame["psnr"].mean(), "ssim": frame["ssim"].mean()})
+    return pd.DataFrame(rows)
+
+
+def paper_results(table: str | None = None) -> pd.DataFrame:
+    """Published numbers (CondiQuant Table 3 and 2DQuant Table 3 rows CondiQuant lacks): columns
+    table, scale, method (paper label), bits, dataset, psnr, ssim."""
+    frame = pd.read_csv(PAPER_RESULTS)
+    return frame if table is None else frame[frame["table"] == table].reset_index(drop=True)
+
+
+def with_paper(results: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``results`` plus the paper's numbers for the same (scale, method, bits, dataset) and our
+    difference: columns paper_psnr, paper_ssim, delta_psnr (ours - paper, dB), delta_ssim."""
+    paper = paper_results() if paper is None else paper
+    paper = (paper.drop(columns="table").drop_duplicates(["scale", "method", "bits", "dataset"])
+             .rename(columns={"method": "label", "psnr": "paper_psnr", "ssim": "paper_ssim"}))
+    merged = results.assign(label=results["method"].map(METHOD_LABELS)).merge(
+        paper, on=["scale", "label", "bits", "dataset"], how="left")
+    return merged.drop(columns="label").assign(delta_psnr=lambda f: f["psnr"] - f["paper_psnr"],
+                                               delta_ssim=lambda f: f["ssim"] - f["paper_ssim"])
+
+
+def method_gain(results: pd.DataFrame, method: str, baseline: str) -> pd.DataFrame:
+    """PSNR of ``method`` minus ``baseline`` per (scale, bits, dataset), ours (``gain``) and, when
+    ``results`` went through :func:`with_paper`, the paper's (``paper_gain``), in dB."""
+    keys = ["scale", "bits", "dataset"]
+    columns = ["psnr"] + (["paper_psnr"] if "paper_psnr" in results else [])
+    pair = results[results["method"] == method].merge(results[results["method"] == baseline], on=keys,
+                                                      suffixes=("", "_base"))
+    gains = pair[keys].assign(gain=pair["psnr"] - pair["psnr_base"])
+    if "paper_psnr" in columns:
+        gains = gains.assign(paper_gain=pair["paper_psnr"] - pair["paper_psnr_base"])
+    return gains.reset_index(drop=True)
+
+
+def paper_layout(results: pd.DataFrame, paper: bool = False) -> pd.DataFrame:
+    """The papers' Table 3 layout: rows (scale, method label, bits) with FP and Bicubic first and
+    then each bit width (high to low) in the order of ``results``; columns (dataset, PSNR/SSIM).
+    With ``paper``, also (dataset, "paper PSNR") and (dataset, "delta PSNR") columns."""
+    frame = with_paper(results) if paper else results
+    frame = frame.assign(Method=frame["method"].map(METHOD_LABELS),
+                         order=frame["method"].map({m: i for i, m in enumerate(dict.fromkeys(frame["method"]))}))
+    frame = frame.sort_values(["scale", "bits", "order"], ascending=[True, False, True], kind="stable")
+    values = {"PSNR": "psnr", "SSIM": "ssim"} | ({"paper PSNR": "paper_psnr", "delta PSNR": "delta_psnr"}
+                                                 if paper else {})
+    table = frame.pivot_table(index=["scale", "Method", "bits"], columns="dataset", values=list(values.values()),
+                              sort=False)
+    table = table.rename(columns={v: k for k, v in values.items()}).swaplevel(0, 1, axis=1)
+    rows = list(dict.fromkeys(zip(frame["scale"], frame["Method"], frame["bits"])))
+    datasets = list(dict.fromkeys(frame["dataset"]))
+    return table.reindex(index=pd.MultiIndex.from_tuples(rows, names=table.index.names),
+                         columns=pd.MultiIndex.from_product([datasets, list(values)]))
+
+
+def best_per_column(table: pd.DataFrame) -> pd.DataFrame:
+    """Boolean mask of :func:`paper_layout`: the best PSNR/SSIM of each column within each
+    (scale, bits) group of quantized rows (FP and Bicubic never count)."""
+    mask = pd.DataFrame(False, index=table.index, columns=table.columns)
+    quantized = table.index.get_level_values("bits") != FP_BITS
+    for column in [c for c in table.columns if c[1] in ("PSNR", "SSIM")]:
+        values = table.loc[quantized, column]
+        best = values.groupby(level=["scale", "bits"]).transform("max")
+        mask.loc[values.index[(values == best).to_numpy()], column] = True
+    return mask
+
+
+def _formatted(table: pd.DataFrame, bold: str) -> pd.DataFrame:
+    mask = best_per_column(table)
+    digits = {"PSNR": 2, "SSIM": 4, "paper PSNR": 2, "delta PSNR": 2}
+    out = table.copy().astype(object)
+    for column in table.columns:
+        for row in table.index:
+            value = table.at[row, column]
+            text = "" if pd.isna(value) else (f"{value:+.2f}" if column[1] == "delta PSNR"
+                                              else f"{value:.{digits[column[1]]}f}")
+            out.at[row, column] = bold.format(text) if mask.at[row, column] and text else text
+    return out
+
+
+def to_markdown(table: pd.DataFrame, caption: str = "") -> str:
+    """A :func:`paper_layout` table as a markdown table, best per column in bold."""
+    out = _formatted(table, "**{}**")
+    header = ["Scale", "Method", "Bits"] + [f"{d} {v}" for d, v in out.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([f"x{s}", m, str(b)] + list(row)) + " |" for (s, m, b), row in
+              zip(out.index, out.itertuples(index=False))]
+    return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
+
+
+def to_latex(table: pd.DataFrame, caption: str = "") -> str:
+    """A :func:`paper_layout` table as a LaTeX tabular (booktabs), best per column in bold."""
+    out = _formatted(table, r"\textbf{{{}}}")
+    datasets = list(dict.fromkeys(d for d, _ in out.columns))
+    per_set = len(out.columns) // len(datasets)
+    lines = [r"\begin{table}", r"\centering", rf"\caption{{{caption}}}" if caption else "",
+             r"\begin{tabular}{lll" + "c" * len(out.columns) + "}", r"\toprule",
+             "Scale & Method & Bits & " + " & ".join(rf"\multicolumn{{{per_set}}}{{c}}{{{d}}}" for d in datasets)
+             + r" \\", " & & & " + " & ".join(v for _, v in out.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join([f"x{s}", m, str(b)] + list(row)) + r" \\"
+              for (s, m, b), row in zip(out.index, out.itertuples(index=False))]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def save_table(results: pd.DataFrame, out: str | Path, name: str, caption: str = "",
+               paper: bool = True) -> dict[str, Path]:
+    """Write ``<out>/<name>.csv`` (tidy, with the paper's numbers), ``.md`` and ``.tex`` (paper layout)."""
+    out = Path(out)
+    table = paper_layout(results, paper=paper)
+    paths = {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"}
+    write_csv_atomic(with_paper(results) if paper else results, paths["csv"])
+    write_text_atomic(to_markdown(table, caption), paths["md"])
+    write_text_atomic(to_latex(table, caption), paths["tex"])
+    return paths
+
+
+def caption_for(results: pd.DataFrame, title: str) -> str:
+    """A caption naming the models (id = name + weights hash), the preset and any image subsets."""
+    models = ", ".join(dict.fromkeys(results["model"]))
+    subsets = results[results["subset"].astype(bool)].drop_duplicates("dataset")
+    counted = results.drop_duplicates("dataset")
+    sizes = "; ".join(f"{d}: {n} images" for d, n in zip(counted["dataset"], counted["images"]))
+    note = " Subsets: " + ", ".join(subsets["dataset"]) + "." if len(subsets) else ""
+    presets = ", ".join(p for p in dict.fromkeys(results["preset"]) if p != "-") or "-"
+    return f"{title}. Models: {models}. Preset: {presets}. Images: {sizes}.{note}"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_model, pick_device, save_model
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
+from .files import atomic_path
 from .swinir import SwinIR, SwinIRConfig
 
 
@@ -102,9 +103,8 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self.state(), tmp)
-        tmp.replace(self.checkpoint_path)
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(self.state(), tmp)
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)

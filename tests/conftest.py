@@ -21,3 +21,17 @@ def train_folder(tmp_path_factory):
         base = np.stack([np.sin(2 * np.pi * (f1 * xx + c / 3)) * np.cos(2 * np.pi * f2 * yy) for c in range(3)], -1)
         Image.fromarray(np.uint8(127.5 + 120 * base)).save(folder / f"img{i}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random SwinIR (x2, dim 12, 2 layers of depth 2, window 4) as a .safetensors path that
+    `quantlab.load_model` and every notebook's `model` parameter accept."""
+    from quantlab.checkpoints import save_model
+    from quantlab.swinir import SwinIR, SwinIRConfig
+
+    torch.manual_seed(0)
+    model = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4))
+    path = tmp_path_factory.mktemp("model") / "tiny_x2.safetensors"
+    save_model(model, path)
+    return path

@@ -1,0 +1,120 @@
+"""Headless reproduction: run the notebooks with papermill in dependency order.
+
+Every notebook has a cell tagged ``parameters`` with at least ``model``, ``quick``, ``out``
+(results folder: cache, CSV and tables) and ``figures`` (PNG/PDF folder); :func:`reproduce` passes
+them, so a notebook never guesses paths. Executed notebooks are written to ``<out>/notebooks``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import papermill
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
+
+
+@dataclass(frozen=True)
+class Notebook:
+    """One notebook of the reproduction and the parameters it gets in quick and full mode."""
+    name: str  # file stem in notebooks/
+    quick: dict
+    full: dict
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; the message names the notebook, the cell and the executed copy."""
+
+
+QUICK_DATASETS = ["Set5", "Set14"]
+FULL_DATASETS = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
+TABLE_METHODS = ["fp", "bicubic", "minmax", "percentile", "dbdc_pac", "dobi", "2dquant"]
+
+# Dependency order: the tables fill the results cache (calibrated models, scores) that the later
+# notebooks reuse. Quick: x2, Set5 + Set14, quick presets (at most 15 minutes on 2 cores).
+NOTEBOOKS: tuple[Notebook, ...] = (
+    Notebook("03_table_2dquant",
+             quick=dict(scales=[2], bits=[4, 2], datasets=QUICK_DATASETS, methods=TABLE_METHODS, preset="quick"),
+             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, methods=TABLE_METHODS,
+                       preset="paper")),
+    Notebook("09_table_condiquant",
+             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, preset="quick"),
+             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper")),
+    Notebook("04_ablations", quick=dict(scale=2, bits=2), full=dict(scale=2, bits=2)),
+    Notebook("05_visual_comparison", quick=dict(scale=2, bits=2, preset="quick"),
+             full=dict(scale=2, bits=2, preset="paper")),
+    Notebook("01_distributions", quick={}, full={}),
+    Notebook("02_bound_percentiles", quick=dict(preset="quick"), full=dict(preset="paper")),
+    Notebook("07_activation_rank", quick={}, full={}),
+    Notebook("08_condition_numbers", quick={}, full={}),
+    Notebook("10_condition_sweep", quick={}, full={}),
+    Notebook("06_explorer", quick={}, full={}),
+)
+
+
+def notebook_path(name: str, folder: str | Path | None = None) -> Path:
+    path = Path(folder or NOTEBOOK_DIR) / f"{name}.ipynb"
+    if not path.is_file():
+        raise FileNotFoundError(f"no notebook {path}; the reproduction notebooks live in {NOTEBOOK_DIR}")
+    return path
+
+
+def run_notebook(name: str, parameters: dict, executed_dir: str | Path, folder: str | Path | None = None,
+                 kernel: str | None = None) -> Path:
+    """Execute ``notebooks/<name>.ipynb`` with ``parameters`` (papermill, cwd = the notebook folder)
+    into ``executed_dir/<name>.ipynb``; raise :class:`NotebookFailed` naming the failing cell."""
+    source = notebook_path(name, folder)
+    target = Path(executed_dir) / source.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        papermill.execute_notebook(str(source), str(target), parameters=parameters, cwd=str(source.parent),
+                                   kernel_name=kernel, progress_bar=False)
+    except papermill.PapermillExecutionError as error:
+        raise NotebookFailed(f"notebook {source.name} failed in cell {error.exec_count} "
+                             f"({error.ename}: {error.evalue}); executed copy with the traceback: {target}") from error
+    return target
+
+
+def notebook_parameters(path: Path) -> set[str]:
+    """The names defined in the notebook's ``parameters`` cell."""
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def select(only: Iterable[str] | None = None) -> list[Notebook]:
+    """The notebooks to run, in dependency order; ``only`` names them by full stem or by the part
+    after the number (``table_2dquant``)."""
+    if not only:
+        return list(NOTEBOOKS)
+    wanted = set(only)
+    known = {n.name: n for n in NOTEBOOKS} | {n.name.split("_", 1)[1]: n for n in NOTEBOOKS}
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(f"unknown notebook(s) {unknown}; choose from {[n.name for n in NOTEBOOKS]}")
+    chosen = {known[name].name for name in wanted}
+    return [n for n in NOTEBOOKS if n.name in chosen]
+
+
+def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | Path = "results",
+              figures: str | Path = FIGURES_DIR, overrides: dict | None = None,
+              folder: str | Path | None = None, report: Callable[[str], None] = print) -> list[tuple[str, float]]:
+    """Run the notebooks (quick or full parameters) in dependency order with papermill; executed
+    copies go to ``<out>/notebooks``. ``overrides`` (e.g. ``{"model": path}``) replace parameters a
+    notebook has. ``report`` gets one line per notebook with its wall time (s). Stops at the first
+    failure with :class:`NotebookFailed`. Returns [(notebook, seconds)]."""
+    out, figures = Path(out).resolve(), Path(figures).resolve()
+    times = []
+    for notebook in select(only):
+        path = notebook_path(notebook.name, folder)
+        names = notebook_parameters(path)
+        parameters = {"quick": quick, "out": str(out), "figures": str(figures)}
+        parameters |= notebook.quick if quick else notebook.full
+        parameters |= overrides or {}
+        parameters = {k: v for k, v in parameters.items() if k in names}
+        start = time.monotonic()
+        run_notebook(notebook.name, parameters, out / "notebooks", folder)
+        times.append((notebook.name, time.monotonic() - start))
+        report(f"{notebook.name:<24} {times[-1][1]:7.1f} s")
+    return times

@@ -1,0 +1,70 @@
+"""Visual comparison crops (2DQuant Figs. 6 and 12): the same HR region restored by each method."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+from torch import nn
+
+from .data import Benchmark, ImagePair
+from .evaluation import upscale
+from .metrics import psnr
+
+CONTEXT = 8  # LR pixels of context around the crop, so the model sees what it would in the full image
+
+
+def find_image(dataset: str, image: str, scale: int) -> ImagePair:
+    """The (LR, HR) pair named ``image`` (file stem) of a benchmark set."""
+    bench = Benchmark(dataset, scale)
+    for pair in bench:
+        if pair.name == image:
+            return pair
+    raise ValueError(f"no image {image!r} in {dataset}; available: {[p.name for p in bench]}")
+
+
+def crop_comparison(upscalers: Mapping[str, nn.Module | str], dataset: str, image: str, scale: int,
+                    top: int, left: int, size: int) -> dict[str, tuple[np.ndarray, float]]:
+    """Restore the HR box (``top``, ``left``, ``size`` in HR pixels, snapped to multiples of
+    ``scale``) with each upscaler (model or ``"bicubic"``) from its LR region plus
+    :data:`CONTEXT` pixels; returns {label: (uint8 crop (size, size, 3), PSNR on Y in dB)}, HR first."""
+    pair = find_image(dataset, image, scale)
+    hr_h, hr_w = pair.hr.shape[:2]
+    size = size // scale * scale
+    top = min(max(0, top // scale * scale), hr_h - size)
+    left = min(max(0, left // scale * scale), hr_w - size)
+    if size <= 0 or top < 0 or left < 0:
+        raise ValueError(f"crop of {size} px does not fit {image} ({hr_w}x{hr_h})")
+    lr_top, lr_left, lr_size = top // scale, left // scale, size // scale
+    y0, x0 = max(0, lr_top - CONTEXT), max(0, lr_left - CONTEXT)
+    region = pair.lr[y0: lr_top + lr_size + CONTEXT, x0: lr_left + lr_size + CONTEXT]
+    oy, ox = (lr_top - y0) * scale, (lr_left - x0) * scale
+    hr_crop = pair.hr[top: top + size, left: left + size]
+    crops = {"HR": (hr_crop, float("inf"))}
+    for label, upscaler in upscalers.items():
+        sr = upscale(upscaler, region, scale)[oy: oy + size, ox: ox + size]
+        crops[label] = (sr, psnr(sr, hr_crop, scale))
+    return crops
+
+
+def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.ndarray | None = None,
+               box: tuple[int, int, int] | None = None, title: str = "") -> plt.Figure:
+    """One row: the full HR image with the box (optional), then each crop with its PSNR."""
+    panels = len(crops) + (full_image is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6))
+    axes = np.atleast_1d(axes)
+    if full_image is not None:
+        axes[0].imshow(full_image)
+        if box:
+            axes[0].add_patch(Rectangle((box[1], box[0]), box[2], box[2], fill=False, color="red", lw=1.5))
+        axes[0].set_title("image", fontsize=9)
+    for ax, (label, (crop, value)) in zip(axes[panels - len(crops):], crops.items()):
+        ax.imshow(crop)
+        ax.set_title(label if np.isinf(value) else f"{label}\n{value:.2f} dB", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,91 @@
+"""Results cache, paper-layout tables and the `quantlab table` command."""
+import pandas as pd
+import pytest
+
+from quantlab import results
+from quantlab.cli import main
+from quantlab.results import (ResultsCache, best_per_column, caption_for, method_gain, paper_layout,
+                              paper_results, results_grid, save_table, with_paper)
+
+
+def tidy(rows):
+    frame = pd.DataFrame(rows, columns=["method", "bits", "dataset", "psnr", "ssim"])
+    return frame.assign(model="m-0", scale=2, preset="quick", subset=False, images=5)
+
+
+RESULTS = tidy([("fp", 32, "Set5", 36.0, 0.95), ("bicubic", 32, "Set5", 33.7, 0.93),
+                ("minmax", 4, "Set5", 34.0, 0.90), ("dobi", 4, "Set5", 35.0, 0.94),
+                ("minmax", 2, "Set5", 30.0, 0.80), ("dobi", 2, "Set5", 29.0, 0.85)])
+
+
+def test_paper_layout_groups_by_bits_and_bolds_the_best_quantized_value():
+    table = paper_layout(RESULTS)
+    assert list(table.index) == [(2, "FP", 32), (2, "Bicubic", 32), (2, "MinMax", 4), (2, "DOBI", 4),
+                                 (2, "MinMax", 2), (2, "DOBI", 2)]
+    best = best_per_column(table)
+    assert best[("Set5", "PSNR")].tolist() == [False, False, False, True, True, False]
+    assert best[("Set5", "SSIM")].tolist() == [False, False, False, True, False, True]
+    markdown = results.to_markdown(table)
+    assert "| x2 | DOBI | 4 | **35.00** | **0.9400** |" in markdown and "36.00 |" in markdown
+    assert r"\textbf{35.00}" in results.to_latex(table)
+
+
+def test_with_paper_joins_the_published_numbers_and_the_difference():
+    joined = with_paper(RESULTS)
+    fp = joined[joined["method"] == "fp"].iloc[0]
+    assert fp["paper_psnr"] == 38.15 and fp["delta_psnr"] == pytest.approx(36.0 - 38.15)
+    dobi4 = joined[(joined["method"] == "dobi") & (joined["bits"] == 4)].iloc[0]
+    assert dobi4["paper_psnr"] == 37.44  # from 2DQuant Table 3 (CondiQuant's table lacks DOBI)
+    assert len(joined) == len(RESULTS)
+    gains = method_gain(joined, "dobi", "minmax")
+    assert gains["gain"].tolist() == pytest.approx([1.0, -1.0])
+    assert gains["paper_gain"].tolist() == pytest.approx([37.44 - 34.39, 35.25 - 33.88])
+
+
+def test_paper_results_cover_both_tables():
+    paper = paper_results()
+    assert {"CondiQuant Table 3", "2DQuant Table 3"} <= set(paper["table"])
+    assert len(paper_results("CondiQuant Table 3")) == 15 * 2 + 45 * 6
+
+
+def test_save_table_writes_csv_markdown_latex(tmp_path):
+    paths = save_table(RESULTS, tmp_path, "t", caption_for(RESULTS, "Test"))
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    assert len(pd.read_csv(paths["csv"])) == len(RESULTS)
+    assert "Models: m-0" in paths["md"].read_text()
+
+
+def test_cells_are_computed_once_and_reused(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    calls = []
+    evaluate = results.evaluate
+    monkeypatch.setattr(results, "evaluate", lambda *a, **k: calls.append(a[1]) or evaluate(*a, **k))
+    grid = results_grid([tiny_checkpoint], [4], ["fp", "bicubic", "minmax"], ["Set5"], out=tmp_path, limit=1,
+                        progress=False)
+    assert len(calls) == 3 and len(grid) == 3 and set(grid["images"]) == {1}
+    again = results_grid([tiny_checkpoint], [4], ["fp", "bicubic", "minmax"], ["Set5"], out=tmp_path, limit=1,
+                         progress=False)
+    assert len(calls) == 3  # nothing recomputed
+    pd.testing.assert_frame_equal(grid, again)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.pt"))) == 1
+    with pytest.raises(ValueError, match="unknown method"):
+        results_grid([tiny_checkpoint], [4], ["nope"], ["Set5"], out=tmp_path)
+
+
+def test_preset_overrides_are_separate_cells(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    cache = ResultsCache(tmp_path)
+    a = cache.scores(tiny_checkpoint, "dqc", 4, "Set5", limit=1, progress=False, iterations=2, batch_size=2,
+                     patch_size=16)
+    b = cache.scores(tiny_checkpoint, "dqc", 4, "Set5", limit=1, progress=False, iterations=3, batch_size=2,
+                     patch_size=16)
+    assert a["preset"].iloc[0] != b["preset"].iloc[0]
+    assert len(list((tmp_path / "cache" / "cells").rglob("*.csv"))) == 2
+
+
+def test_table_cli(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    main(["table", "--model", str(tiny_checkpoint), "--bits", "4", "--methods", "fp,minmax", "--datasets", "Set5",
+          "--limit", "1", "--out", str(tmp_path), "--name", "t"])
+    out = capsys.readouterr().out
+    assert "| x2 | MinMax | 4 |" in out and (tmp_path / "t.tex").is_file()
