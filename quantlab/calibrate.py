@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .quant import ONE_SIDED_KINDS, FakeQuantizer, check_bits, quantizers, set_mode
+from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, quantizers, set_mode
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
@@ -117,31 +117,39 @@ def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
 
 
 @torch.no_grad()
-def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:
-    """One FP pass of ``patches`` (N, 3, h, w) in which every quantizer sets its bounds to
-    ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit."""
+def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuantizer, torch.Tensor], None]) -> None:
+    """One FP pass of ``patches`` (N, 3, h, w) with every quantizer in observe mode:
+    ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
+    (q/k/v input quantizers get the same tensor object); nothing else is kept."""
     if not torch.isfinite(patches).all():
         raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
-    names = {q: name for name, q in quantizers(qmodel)}
-    last: dict = {}
-
-    def observe(quantizer: FakeQuantizer, x: torch.Tensor) -> None:
-        key = (x._version, quantizer.kind, quantizer.bits, quantizer.per_channel)
-        if last.get("tensor") is not x or last.get("key") != key:  # holding x keeps its identity unique
-            last.update(tensor=x, key=key, bounds=fit_tensor(fit, quantizer, x))
-            _check_finite(torch.cat([b.flatten() for b in last["bounds"]]), names[quantizer])
-        quantizer.set_bounds(*last["bounds"])
-
-    for quantizer in names:
+    named = [q for _, q in quantizers(qmodel)]
+    for quantizer in named:
         quantizer.observer = observe
     set_mode(qmodel, "observe")
     try:
-        device = next(qmodel.parameters()).device
-        qmodel.eval()(patches.to(device))
+        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
     finally:
         set_mode(qmodel, "quantize")
-        for quantizer in names:
+        for quantizer in named:
             quantizer.observer = None
+
+
+def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:
+    """One FP pass of ``patches`` (N, 3, h, w) in which every quantizer sets its bounds to
+    ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit."""
+    names = {q: name for name, q in quantizers(qmodel)}
+    last: dict[bool, dict] = {True: {}, False: {}}  # the last weight and the last activation seen
+
+    def observe(quantizer: FakeQuantizer, x: torch.Tensor) -> None:
+        key = (x._version, quantizer.kind, quantizer.bits, quantizer.per_channel)
+        slot = last[quantizer.kind == WEIGHT]
+        if slot.get("tensor") is not x or slot.get("key") != key:  # holding x keeps its identity unique
+            slot.update(tensor=x, key=key, bounds=fit_tensor(fit, quantizer, x))
+            _check_finite(torch.cat([b.flatten() for b in slot["bounds"]]), names[quantizer])
+        quantizer.set_bounds(*slot["bounds"])
+
+    stream(qmodel, patches, observe)
     return qmodel
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each notebook kernel
     mode = "full" if args.full else "quick"
     print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {args.figures}")
     try:
@@ -117,7 +118,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     except NotebookFailed as err:
         print(f"quantlab reproduce: {err}", file=sys.stderr)
         sys.exit(1)
-    print(f"done: {len(times)} notebooks in {sum(t for _, t in times) / 60:.1f} min")
+    print(f"done: {len(times)} notebooks in {sum(t for _, t, _ in times) / 60:.1f} min")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
     re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")
     re.add_argument("--figures", default=str(FIGURES_DIR), help="folder for PNG/PDF figures")
-    re.add_argument("--threads", type=int, default=None)
+    re.add_argument("--threads", type=int, default=None, help="torch threads of the notebook kernels")
     re.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")

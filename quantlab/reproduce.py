@@ -19,10 +19,12 @@ FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
 
 @dataclass(frozen=True)
 class Notebook:
-    """One notebook of the reproduction and the parameters it gets in quick and full mode."""
+    """One notebook of the reproduction, its quick and full parameters, and the figure files it
+    writes (``str.format`` templates over its parameters)."""
     name: str  # file stem in notebooks/
     quick: dict
     full: dict
+    figures: tuple[str, ...] = ()
 
 
 class NotebookFailed(RuntimeError):
@@ -39,19 +41,26 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("03_table_2dquant",
              quick=dict(scales=[2], bits=[4, 2], datasets=QUICK_DATASETS, methods=TABLE_METHODS, preset="quick"),
              full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, methods=TABLE_METHODS,
-                       preset="paper")),
+                       preset="paper"),
+             figures=("2dquant_table3_gap_to_fp.png", "2dquant_table3_gap_to_fp.pdf")),
     Notebook("09_table_condiquant",
              quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, preset="quick"),
-             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper")),
-    Notebook("04_ablations", quick=dict(scale=2, bits=2), full=dict(scale=2, bits=2)),
-    Notebook("05_visual_comparison", quick=dict(scale=2, bits=2, preset="quick"),
-             full=dict(scale=2, bits=2, preset="paper")),
-    Notebook("01_distributions", quick={}, full={}),
-    Notebook("02_bound_percentiles", quick=dict(preset="quick"), full=dict(preset="paper")),
-    Notebook("07_activation_rank", quick={}, full={}),
-    Notebook("08_condition_numbers", quick={}, full={}),
-    Notebook("10_condition_sweep", quick={}, full={}),
-    Notebook("06_explorer", quick={}, full={}),
+             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper"),
+             figures=("condiquant_table3_gap_to_fp.png",)),
+    Notebook("04_ablations", quick=dict(scale=2, bits=2), full=dict(scale=2, bits=4, preset="paper"),
+             figures=("2dquant_table4_ablation.png",)),
+    Notebook("05_visual_comparison", quick=dict(scale=2, bits=2, preset="quick", dataset="Set14", image="barbara"),
+             full=dict(scale=4, bits=2, preset="paper", dataset="Urban100", image="img_046"),
+             figures=("2dquant_visual_{dataset}_{image}_x{scale}_{bits}bit.png",)),
+    Notebook("01_distributions", quick={}, full={},
+             figures=("2dquant_fig4_distributions.png", "2dquant_fig4_distributions.pdf",
+                      "2dquant_fig7-11_layer0_weights.png", "2dquant_fig7-11_layer0_activations.png")),
+    Notebook("02_bound_percentiles", quick=dict(preset="quick"), full=dict(preset="paper"),
+             figures=("2dquant_fig5_bound_percentiles.png", "2dquant_fig5_bound_percentiles.pdf")),
+    Notebook("07_activation_rank", quick={}, full={}, figures=("condiquant_fig2_activation_rank.png",)),
+    Notebook("08_condition_numbers", quick={}, full={}, figures=("condiquant_fig5_condition_numbers.png",)),
+    Notebook("10_condition_sweep", quick={}, full={}, figures=("condiquant_sweep_lambda.png",)),
+    Notebook("06_explorer", quick={}, full={}, figures=("explorer_minmax_2bit.png", "explorer_dobi_2bit.png")),
 )
 
 
@@ -99,11 +108,11 @@ def select(only: Iterable[str] | None = None) -> list[Notebook]:
 
 def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | Path = "results",
               figures: str | Path = FIGURES_DIR, overrides: dict | None = None,
-              folder: str | Path | None = None, report: Callable[[str], None] = print) -> list[tuple[str, float]]:
+              folder: str | Path | None = None, report: Callable[[str], None] = print) -> list[tuple[str, float, dict]]:
     """Run the notebooks (quick or full parameters) in dependency order with papermill; executed
     copies go to ``<out>/notebooks``. ``overrides`` (e.g. ``{"model": path}``) replace parameters a
     notebook has. ``report`` gets one line per notebook with its wall time (s). Stops at the first
-    failure with :class:`NotebookFailed`. Returns [(notebook, seconds)]."""
+    failure with :class:`NotebookFailed`. Returns [(notebook, seconds, parameters)]."""
     out, figures = Path(out).resolve(), Path(figures).resolve()
     times = []
     for notebook in select(only):
@@ -115,6 +124,6 @@ def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | 
         parameters = {k: v for k, v in parameters.items() if k in names}
         start = time.monotonic()
         run_notebook(notebook.name, parameters, out / "notebooks", folder)
-        times.append((notebook.name, time.monotonic() - start))
+        times.append((notebook.name, time.monotonic() - start, parameters))
         report(f"{notebook.name:<24} {times[-1][1]:7.1f} s")
     return times

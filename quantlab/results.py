@@ -8,6 +8,7 @@ their weights, so retrained weights never reuse stale numbers.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -53,10 +54,16 @@ def model_id(source: str | Path, model: nn.Module) -> str:
 
 
 class ResultsCache:
-    """Cells and quantized models under ``folder/cache`` (CSV per cell, ``.pt`` per quantized model)."""
+    """Cells and quantized models under ``folder/cache`` (CSV per cell, ``.pt`` per quantized model).
+    ``train_folder``: HR images for calibration and bound training (default ``<data>/train``);
+    another folder gets its own sub-cache."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, train_folder: str | Path | None = None):
         self.folder = Path(folder) / "cache"
+        self.train_folder = train_folder
+        if train_folder is not None:
+            digest = hashlib.sha256(str(Path(train_folder).resolve()).encode()).hexdigest()[:10]
+            self.folder = self.folder / f"train-{digest}"
         self._models: dict[str, tuple[nn.Module, str]] = {}
 
     def fp_model(self, source: str | Path) -> tuple[nn.Module, str]:
@@ -81,7 +88,7 @@ class ResultsCache:
             return load_quantized(path, fp)
         checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
         qmodel = quantize_with(fp, method, bits=bits, preset=preset, checkpoint=checkpoint, progress=progress,
-                               **overrides)
+                               train_folder=self.train_folder, **overrides)
         save_quantized(qmodel, fp, path)
         if checkpoint is not None:
             checkpoint.unlink(missing_ok=True)
@@ -119,11 +126,12 @@ def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:
 
 def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[str],
                  datasets: Iterable[str], preset: str = "quick", out: str | Path = "results",
-                 limit: int | None = None, progress: bool = True) -> pd.DataFrame:
+                 limit: int | None = None, progress: bool = True,
+                 train_folder: str | Path | None = None) -> pd.DataFrame:
     """Tidy means, one row per (scale, method, bits, dataset): columns model, scale, method,
     bits, preset, dataset, subset, images, psnr (dB), ssim. FP and Bicubic rows once per model
     (bits 32). Every cell goes through the :class:`ResultsCache` in ``out``."""
-    cache = ResultsCache(out)
+    cache = ResultsCache(out, train_folder)
     bits, methods, datasets = list(bits), list(methods), list(datasets)
     unknown = [m for m in methods if m not in METHOD_LABELS]
     if unknown:
@@ -140,11 +148,11 @@ def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Ite
 
 def ablation_grid(source: str | Path, bits: int, datasets: Iterable[str], variants: Mapping[str, tuple[str, dict]],
                   preset: str = "quick", out: str | Path = "results", limit: int | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, train_folder: str | Path | None = None) -> pd.DataFrame:
     """2DQuant Table 4 style: ``variants`` maps a row label to (method, preset overrides), e.g.
     ``{"lr 1e-3": ("2dquant", {"lr": 1e-3})}``. One row per (variant, dataset): variant, method,
     bits, dataset, images, psnr (dB), ssim; cells cached like :func:`results_grid`."""
-    cache = ResultsCache(out)
+    cache = ResultsCache(out, train_folder)
     rows = []
     jobs = [(label, method, overrides, d) for label, (method, overrides) in variants.items() for d in datasets]
     for label, method, overrides, dataset in tqdm(jobs, desc="ablation", disable=not progress):

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
 from torch import nn
 
 from .data import Benchmark, ImagePair
@@ -46,25 +44,3 @@ def crop_comparison(upscalers: Mapping[str, nn.Module | str], dataset: str, imag
         sr = upscale(upscaler, region, scale)[oy: oy + size, ox: ox + size]
         crops[label] = (sr, psnr(sr, hr_crop, scale))
     return crops
-
-
-def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.ndarray | None = None,
-               box: tuple[int, int, int] | None = None, title: str = "") -> plt.Figure:
-    """One row: the full HR image with the box (optional), then each crop with its PSNR."""
-    panels = len(crops) + (full_image is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6))
-    axes = np.atleast_1d(axes)
-    if full_image is not None:
-        axes[0].imshow(full_image)
-        if box:
-            axes[0].add_patch(Rectangle((box[1], box[0]), box[2], box[2], fill=False, color="red", lw=1.5))
-        axes[0].set_title("image", fontsize=9)
-    for ax, (label, (crop, value)) in zip(axes[panels - len(crops):], crops.items()):
-        ax.imshow(crop)
-        ax.set_title(label if np.isinf(value) else f"{label}\n{value:.2f} dB", fontsize=9)
-    for ax in axes:
-        ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig

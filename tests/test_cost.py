@@ -1,6 +1,5 @@
 """Compression and speed-up figures as 2DQuant computes them (reference doc §6)."""
 import pytest
-import torch
 
 from quantlab.cost import compression_ratio, fp_size, mac_counts, pack_bits, packed_size, speedup
 from quantlab.quant import QuantConfig, quantize

@@ -7,7 +7,7 @@ from quantlab.cli import main
 from quantlab.checkpoints import save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
 from quantlab.pipeline import linear_weights, load_quantized, quantize_with, save_quantized
-from quantlab.quant import QuantConfig, quantize, quantizers
+from quantlab.quant import QuantConfig, quantize
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)

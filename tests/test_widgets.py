@@ -1,0 +1,139 @@
+"""Quantizer explorer: statistics, snapping and the SR crop (logic and widgets, no browser), and its notebook."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quantlab import calibrate
+from quantlab.checkpoints import load_model
+from quantlab.data import calibration_patches
+from quantlab.pipeline import save_quantized
+from quantlab.quant import POST_GELU, QuantConfig, fake_quantize, quantize, quantizers
+from quantlab.reproduce import run_notebook
+from quantlab.widgets import QuantizerExplorer, explorer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def patches(train_folder):
+    return calibration_patches(n=2, size=32, scale=2, folder=train_folder)
+
+
+@pytest.fixture(scope="module")
+def dqc_model(tiny, patches):
+    """A 3-bit quantized model with MinMax bounds, one of them moved: stands in for a DQC result."""
+    qmodel = calibrate.minmax(quantize(tiny, QuantConfig(bits=3)), patches)
+    fc2 = dict(quantizers(qmodel))["layers.0.blocks.0.mlp.fc2.act"]
+    fc2.set_bounds(fc2.lower.detach() * 0.5, fc2.upper.detach() * 0.5)
+    return qmodel
+
+
+@pytest.fixture(scope="module")
+def logic(tiny, patches, dqc_model):
+    return QuantizerExplorer(tiny, patches=patches, crop=24, qmodel=dqc_model)
+
+
+def test_every_quantizer_is_cached_with_exact_minmax(logic, tiny, patches):
+    assert logic.names == [name for name, _ in quantizers(quantize(tiny))]
+    weight = logic.tensors["layers.0.blocks.0.mlp.fc1.weight"]
+    fc1 = tiny.layers[0].blocks[0].mlp.fc1.weight
+    assert (weight.min, weight.max, weight.numel) == (fc1.min().item(), fc1.max().item(), fc1.numel())
+    assert all(t.values.numel() <= min(t.numel, 2**15) for t in logic.tensors.values())
+    assert logic.kind(logic.default_tensor) == POST_GELU
+
+
+def test_mse_falls_with_bits_and_matches_eq1(logic):
+    name = logic.default_tensor
+    lower, upper = logic.minmax_bounds(name)
+    mse = [logic.tensor_stats(name, bits, lower, upper)["mse"] for bits in range(2, 9)]
+    assert all(a > b for a, b in zip(mse, mse[1:])) and mse[-1] < mse[0] / 100
+    x = logic.tensors[name].values
+    direct = (fake_quantize(x, torch.tensor(lower), torch.tensor(upper), 4) - x).square().mean()
+    assert logic.tensor_stats(name, 4, lower, upper)["mse"] == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_clipped_fraction_is_zero_at_minmax_only(logic):
+    for name in logic.names:
+        assert logic.tensor_stats(name, 4, *logic.minmax_bounds(name))["clipped_fraction"] == 0
+    name = logic.default_tensor
+    lower, upper = logic.minmax_bounds(name)
+    x = logic.tensors[name].values
+    middle = float(x.median())
+    assert logic.tensor_stats(name, 4, lower, middle)["clipped_fraction"] == pytest.approx(
+        float((x > middle).float().mean()))
+
+
+def test_sr_psnr_applies_only_that_quantizer_and_restores_fp(logic):
+    name = logic.default_tensor
+    lower, upper = logic.minmax_bounds(name)
+    sr2, psnr2 = logic.sr_psnr(name, 2, lower, upper)
+    _, psnr8 = logic.sr_psnr(name, 8, lower, upper)
+    assert sr2.shape == (48, 48, 3) and sr2.dtype == np.uint8
+    assert psnr2 != psnr8 and abs(psnr8 - logic.fp_psnr) < abs(psnr2 - logic.fp_psnr)
+    assert all(q.mode == "off" for _, q in quantizers(logic.qmodel))  # every tensor back in FP
+    assert logic.sr_psnr(name, 2, lower, upper)[1] == psnr2  # cached, and nothing drifted
+
+
+def test_widget_bits_slider_updates_mse_and_psnr(logic):
+    view = explorer(logic)
+    assert view.tensor.value == logic.default_tensor
+    assert view.bounds.value == pytest.approx(logic.minmax_bounds(logic.default_tensor))
+    assert view.clipped.value.startswith("<b>0.000%")
+    before = view.mse.value, view.psnr.value
+    view.bits.value = 2
+    assert view.mse.value != before[0] and view.psnr.value != before[1]
+    assert len(view.histogram.value) > 1000 and len(view.sr.value) > 1000
+
+
+def test_dobi_button_snaps_to_dobi_search(logic):
+    view = explorer(logic, bits=3)
+    name = logic.default_tensor
+    view.buttons["DOBI"].click()
+    expected = calibrate.dobi_search(logic.tensors[name].values, 3, symmetric=False)  # post-GELU: one-sided
+    assert view.bounds.value == pytest.approx(tuple(float(b) for b in expected))
+    mse_dobi = logic.tensor_stats(name, 3, *view.bounds.value)["mse"]
+    view.buttons["MinMax"].click()
+    assert view.bounds.value == pytest.approx(logic.minmax_bounds(name))
+    assert mse_dobi <= logic.tensor_stats(name, 3, *view.bounds.value)["mse"]
+
+
+def test_dqc_button_snaps_to_the_quantized_model_or_is_disabled(logic, dqc_model, tiny, patches, tmp_path):
+    view = explorer(logic)
+    fc2 = dict(quantizers(dqc_model))["layers.0.blocks.0.mlp.fc2.act"]
+    assert not view.buttons["DQC"].disabled
+    view.buttons["DQC"].click()
+    assert view.bits.value == 3
+    assert view.bounds.value == pytest.approx((fc2.lower.item(), fc2.upper.item()))
+    view.tensor.value = logic.names[-1]  # another tensor: back to its MinMax bounds
+    assert view.bounds.value == pytest.approx(logic.minmax_bounds(logic.names[-1]))
+    assert view.bounds.min <= view.bounds.value[0] <= view.bounds.value[1] <= view.bounds.max
+
+    path = tmp_path / "q.pt"
+    save_quantized(dqc_model, tiny, path)
+    from_file = QuantizerExplorer(tiny, patches=patches, crop=16, quantized=path)
+    assert from_file.dqc_bounds("layers.0.blocks.0.mlp.fc2.act") == pytest.approx(
+        (fc2.lower.item(), fc2.upper.item(), 3))
+    plain = explorer(QuantizerExplorer(tiny, patches=patches, crop=16))
+    assert plain.buttons["DQC"].disabled and not plain.logic.has_dqc
+
+
+def test_bad_arguments_are_refused(logic, tiny, patches):
+    with pytest.raises(ValueError, match="bits"):
+        logic.tensor_stats(logic.default_tensor, 9, 0.0, 1.0)
+    with pytest.raises(ValueError, match="crop"):
+        QuantizerExplorer(tiny, patches=patches, crop=10_000)
+
+
+@pytest.mark.slow
+def test_notebook_runs_headless_with_the_tiny_model(tiny_checkpoint, tmp_path):
+    executed = run_notebook("06_explorer", dict(model=str(tiny_checkpoint), quick=True, out=str(tmp_path / "out"),
+                                                figures=str(tmp_path / "figures"), crop=24), tmp_path / "executed")
+    outputs = [o for c in json.loads(executed.read_text())["cells"] for o in c.get("outputs", [])]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert pngs == ["explorer_dobi_2bit.png", "explorer_minmax_2bit.png"]
