@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     re = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill, in dependency order")
     mode = re.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="x2, Set5+Set14, quick presets (default; <= 15 min)")
+    mode.add_argument("--quick", action="store_true", help="x2, 2 bits, first image of Set5+Set14, quick presets (default)")
     mode.add_argument("--full", action="store_true", help="the papers' grid (hours; resumes through the cache)")
     re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
     re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")

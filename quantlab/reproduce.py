@@ -32,22 +32,27 @@ class NotebookFailed(RuntimeError):
 
 
 QUICK_DATASETS = ["Set5", "Set14"]
+QUICK_LIMIT = 1  # first image of each set: one full-model Set14 pass alone takes ~4.5 min on 2 cores
 FULL_DATASETS = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
 TABLE_METHODS = ["fp", "bicubic", "minmax", "percentile", "dbdc_pac", "dobi", "2dquant"]
 
 # Dependency order: the tables fill the results cache (calibrated models, scores) that the later
-# notebooks reuse. Quick: x2, Set5 + Set14, quick presets (at most 15 minutes on 2 cores).
+# notebooks reuse. Quick: x2, 2 bits, the first image of Set5 and Set14, quick presets.
 NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("03_table_2dquant",
-             quick=dict(scales=[2], bits=[4, 2], datasets=QUICK_DATASETS, methods=TABLE_METHODS, preset="quick"),
+             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, methods=TABLE_METHODS,
+                        preset="quick"),
              full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, methods=TABLE_METHODS,
                        preset="paper"),
              figures=("2dquant_table3_gap_to_fp.png", "2dquant_table3_gap_to_fp.pdf")),
     Notebook("09_table_condiquant",
-             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, preset="quick"),
+             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, preset="quick"),
              full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper"),
              figures=("condiquant_table3_gap_to_fp.png",)),
-    Notebook("04_ablations", quick=dict(scale=2, bits=2), full=dict(scale=2, bits=4, preset="paper"),
+    Notebook("04_ablations",
+             quick=dict(scale=2, bits=2, datasets=QUICK_DATASETS, limit=QUICK_LIMIT, learning_rates=[], batch_sizes=[]),
+             full=dict(scale=2, bits=4, datasets=["Set5"], preset="paper", learning_rates=[1e-1, 1e-2, 1e-3, 1e-4],
+                       batch_sizes=[4, 8, 16, 32]),
              figures=("2dquant_table4_ablation.png",)),
     Notebook("05_visual_comparison", quick=dict(scale=2, bits=2, preset="quick", dataset="Set14", image="barbara"),
              full=dict(scale=4, bits=2, preset="paper", dataset="Urban100", image="img_046"),
