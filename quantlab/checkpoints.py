@@ -81,14 +81,15 @@ def to_official_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def infer_config(state: dict[str, torch.Tensor]) -> SwinIRConfig:
     """SwinIR-light hyper-parameters from weight shapes (quantlab key names)."""
-    required = ("conv_first.weight", "upsample.0.weight", "layers.0.blocks.0.attn.relative_position_bias_table")
+    n_layers = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("layers.")), default=-1)
+    required = ["conv_first.weight", "upsample.0.weight", "layers.0.blocks.0.mlp.fc1.weight"]
+    required += [f"layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(max(n_layers, 1))]
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"not a SwinIR-light state dict: missing {missing}")
     if any(k.startswith(("conv_before_upsample", "conv_up1", "conv_hr")) for k in state):
         raise CheckpointError("not SwinIR-light: this checkpoint has a 'pixelshuffle'/'nearest+conv' upsampler")
     embed_dim, in_chans = state["conv_first.weight"].shape[:2]
-    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
     depths = tuple(
         1 + max(int(k.split(".")[3]) for k in state if k.startswith(f"layers.{i}.blocks.")) for i in range(n_layers)
     )
@@ -112,7 +113,7 @@ def model_from_state_dict(state: dict[str, torch.Tensor], source: str = "state d
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{label} {keys[:8]}" for label, keys in
+    problems = [f"{label} {keys[:8]}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "") for label, keys in
                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{source} is not a SwinIR-light checkpoint: " + "; ".join(problems))

@@ -122,24 +122,16 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self._masks: dict[tuple, torch.Tensor] = {}
 
-    def mask(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
-        if not self.shift:
-            return None
-        key = (h, w, device)
-        if key not in self._masks:
-            self._masks[key] = shifted_window_mask(h, w, self.window, self.shift).to(device)
-        return self._masks[key]
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """x: (B, H*W, C) tokens of an image whose sides are multiples of the window."""
+    def forward(self, x: torch.Tensor, size: tuple[int, int], shift_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, H*W, C) tokens of an image whose sides are multiples of the window; ``shift_mask``:
+        the (nW, N, N) mask of :func:`shifted_window_mask`, used only by shifted blocks."""
         h, w = size
         b, _, c = x.shape
         y = self.norm1(x).view(b, h, w, c)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, self.window), self.mask(h, w, x.device))
+        y = self.attn(window_partition(y, self.window), shift_mask if self.shift else None)
         y = window_reverse(y, self.window, h, w)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
@@ -157,10 +149,10 @@ class RSTB(nn.Module):
         )
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int], shift_mask: torch.Tensor) -> torch.Tensor:
         y = x
         for block in self.blocks:
-            y = block(y, size)
+            y = block(y, size, shift_mask)
         y = self.conv(tokens_to_image(y, size))
         return x + y.flatten(2).transpose(1, 2)
 
@@ -180,7 +172,8 @@ class SwinIR(nn.Module):
     def __init__(self, config: SwinIRConfig = SwinIRConfig()):
         super().__init__()
         self.config = c = config
-        self.register_buffer("mean", torch.tensor(RGB_MEAN).view(1, 3, 1, 1), persistent=False)
+        mean = torch.tensor(RGB_MEAN) if c.in_chans == 3 else torch.zeros(c.in_chans)  # as the official code
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(c.in_chans, c.embed_dim, 3, 1, 1)
         self.patch_norm = nn.LayerNorm(c.embed_dim)
         self.layers = nn.ModuleList(
@@ -198,9 +191,11 @@ class SwinIR(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[2], x.shape[3])
+        win = self.config.window_size
+        shift_mask = shifted_window_mask(*size, win, win // 2).to(x.device)
         tokens = self.patch_norm(x.flatten(2).transpose(1, 2))
         for layer in self.layers:
-            tokens = layer(tokens, size)
+            tokens = layer(tokens, size, shift_mask)
         return tokens_to_image(self.norm(tokens), size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -164,8 +164,11 @@ def test_params_ema_preferred_and_safetensors_round_trip(tmp_path, official_chec
         (lambda s: s.update({"layers.0.extra.weight": torch.zeros(3)}), "unexpected keys ['layers.0.extra.weight']"),
         (lambda s: s.update({"layers.0.residual_group.blocks.1.attn.proj.weight": torch.zeros(60, 61)}), "(60, 61)"),
         (lambda s: s.update({"conv_before_upsample.0.weight": torch.zeros(64, 60, 3, 3)}), "upsampler"),
+        (lambda s: s.pop("layers.0.residual_group.blocks.0.mlp.fc1.weight"), "mlp.fc1.weight"),
+        (lambda s: s.pop("layers.3.residual_group.blocks.0.attn.relative_position_bias_table"), "layers.3.blocks.0"),
+        (lambda s: [s.pop(k) for k in list(s) if k.startswith("layers.1.residual_group.blocks.2.")], "more)"),
     ],
-    ids=["missing", "extra", "mis-shaped", "classical-swinir"],
+    ids=["missing", "extra", "mis-shaped", "classical-swinir", "no-fc1", "no-bias-table", "many-missing"],
 )
 def test_wrong_checkpoints_name_the_problem(tmp_path, official_checkpoint, edit, message):
     state = dict(official_checkpoint[1])
@@ -194,3 +197,10 @@ def test_unshipped_embedded_model_is_explained(monkeypatch, tmp_path):
     monkeypatch.setitem(quantlab.checkpoints.EMBEDDED_MODELS, "default-x2", tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match="not trained yet"):
         load_model("default-x2")
+
+
+def test_single_channel_model_runs_without_rgb_mean():
+    model = SwinIR(SwinIRConfig(in_chans=1, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 16, 16)
+    assert not model.mean.any()
