@@ -155,6 +155,8 @@ class PatchSampler:
 
     The LR of each image is made once (MATLAB-exact bicubic, cached) and cropped, so training and
     calibration use exactly the resize the benchmarks use. The RNG state is exposed for resuming.
+    Only images whose LR holds an ``lr_size`` crop are kept; ``lr_size`` may later be lowered
+    (smaller crops early in training), never raised above the size given here.
     """
 
     def __init__(self, scale: int, lr_size: int, folder: Path | None = None, seed: int = 0, augment: bool = True):
@@ -162,7 +164,7 @@ class PatchSampler:
         paths = list_images(folder) if folder.is_dir() else []
         if not paths:
             raise FileNotFoundError(f"no training images in {folder}; pass a folder of HR images")
-        self.scale, self.lr_size, self.augment = scale, lr_size, augment
+        self.scale, self.lr_size, self.max_lr_size, self.augment = scale, lr_size, lr_size, augment
         self.paths = [path for path in paths if min(image_size(path)) // scale >= lr_size]
         if not self.paths:
             raise ValueError(f"every image in {folder} is smaller than {lr_size * scale} px")
@@ -179,6 +181,9 @@ class PatchSampler:
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, 3, p, p) LR and (n, 3, s*p, s*p) HR float tensors in [0, 1]."""
         p, s = self.lr_size, self.scale
+        if p > self.max_lr_size:
+            raise ValueError(f"crop of {p} px asked from a sampler built for at most {self.max_lr_size} px; "
+                             f"build the PatchSampler with the largest crop size it will be asked for")
         lrs, hrs = [], []
         for index in self.rng.integers(len(self.paths), size=n):
             lr, hr = self.pair(int(index))

@@ -69,7 +69,10 @@ def initial_model(config: TrainConfig) -> SwinIR:
         body = {k: v for k, v in source.state_dict().items() if not k.startswith("upsample.")}
         if source.scale == config.scale:
             body = source.state_dict()
-        model.load_state_dict(body, strict=False)
+        missing = [k for k in model.load_state_dict(body, strict=False).missing_keys if not k.startswith("upsample.")]
+        if missing:
+            raise ValueError(f"{config.init_from} lacks body weights {missing[:8]}: initialise from a SwinIR-light "
+                             f"of the same architecture")
     return model
 
 
@@ -85,7 +88,8 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema_decay else None
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
-        self.sampler = PatchSampler(config.scale, config.patch_size(0), config.train_folder, seed=config.seed)
+        largest_patch = max(size for _, size in config.patch_schedule)
+        self.sampler = PatchSampler(config.scale, largest_patch, config.train_folder, seed=config.seed)
         self.step = 0
         if self.checkpoint_path.is_file():
             self.load_checkpoint()
@@ -111,6 +115,13 @@ class Trainer:
         saved_scale = state["config"]["scale"]
         if saved_scale != self.config.scale:
             raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; use another --out for x{self.config.scale}")
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError(f"{self.checkpoint_path} was trained with{'out' if state['ema'] is None else ''} EMA; "
+                             f"resume it with the same --ema setting or use another --out")
+        now = asdict(self.config)
+        changed = {k: (v, now[k]) for k, v in state["config"].items() if k in now and now[k] != v}
+        if changed:
+            print(f"resuming {self.checkpoint_path} with changed settings (saved -> now): {changed}")
         self.model.load_state_dict(state["model"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])

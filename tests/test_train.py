@@ -49,3 +49,28 @@ def test_schedule_warms_up_then_decays():
     factors = [config.lr_factor(s) for s in (0, 50, 99, 100, 550, 1000)]
     assert factors[0] < factors[1] < factors[2] == factors[3] == 1.0
     assert factors[4] == pytest.approx(0.55) and factors[5] == pytest.approx(0.1)
+
+
+def test_images_too_small_for_the_largest_crop_are_left_out(train_folder, tmp_path, monkeypatch):
+    """A schedule that grows the crop must not pick an image that only holds the first, smaller crop."""
+    import shutil
+    from PIL import Image
+
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "mixed"
+    shutil.copytree(train_folder, folder)
+    Image.new("RGB", (24, 24), (90, 120, 150)).save(folder / "small.png")  # LR 12 px: holds 8, not 16
+    trainer = Trainer(tiny_config(folder, steps=8, patch_schedule=[(2, 8), (10**9, 16)]), tmp_path / "run")
+    assert "small.png" not in {p.name for p in trainer.sampler.paths}
+    trainer.run(progress=False)
+    assert trainer.step == 8
+    trainer.sampler.lr_size = 32
+    with pytest.raises(ValueError, match="at most 16 px"):
+        trainer.sampler.sample(1)
+
+
+def test_resume_with_another_ema_setting_is_refused(train_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    Trainer(tiny_config(train_folder, steps=1, ema_decay=0), tmp_path / "run").run(progress=False)
+    with pytest.raises(ValueError, match="same --ema"):
+        Trainer(tiny_config(train_folder, steps=1), tmp_path / "run")
