@@ -22,7 +22,7 @@ chromium:
 	  command -v apt-get >/dev/null 2>&1 || { echo "chromium not found: install Chromium so that 'chromium' is on the PATH" >&2; exit 1; }; \
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-run: $(STAMP) chromium
+run: $(STAMP)
 	$(VENV)/bin/quantlab reproduce --quick
 
 test: $(STAMP) chromium

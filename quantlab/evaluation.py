@@ -38,7 +38,7 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def super_resolve(model: nn.Module, lr: np.ndarray, pad: str = "2dquant") -> np.ndarray:
     """SR of one uint8 (h, w, 3) LR image with a SwinIR(-like) model -> uint8 (s*h, s*w, 3)."""
     h, w = lr.shape[:2]
@@ -63,7 +63,7 @@ MEAN_ROW = "mean"  # the ``image`` value of a per-dataset mean row
 
 def evaluate(
     method: nn.Module | str,
-    datasets: Iterable[str] = ("Set5", "Set14"),
+    datasets: str | Iterable[str] = ("Set5", "Set14"),
     scale: int = 2,
     pad: str = "2dquant",
     limit: int | None = None,
@@ -72,7 +72,7 @@ def evaluate(
     """PSNR (dB) / SSIM on Y of a model or ``"bicubic"``: one row per (dataset, image), then one
     ``image == "mean"`` row per dataset (its ``images`` column counts the images averaged)."""
     rows = []
-    for name in datasets:
+    for name in [datasets] if isinstance(datasets, str) else datasets:
         bench = Benchmark(name, scale, limit=limit)
         images = []
         for pair in tqdm(bench, total=len(bench), desc=f"{name} x{scale}", disable=not progress, leave=False):
