@@ -1,7 +1,8 @@
 """quantlab: low-bit post-training quantization of SwinIR-light (2DQuant, CondiQuant)."""
 from .checkpoints import load_model, pick_device, save_model
 from .evaluation import evaluate
+from .quant import QuantConfig, quantize
 from .swinir import SwinIR, SwinIRConfig
 
-__all__ = ["SwinIR", "SwinIRConfig", "evaluate", "load_model", "pick_device", "save_model"]
+__all__ = ["QuantConfig", "SwinIR", "SwinIRConfig", "evaluate", "load_model", "pick_device", "quantize", "save_model"]
 __version__ = "0.1.0"

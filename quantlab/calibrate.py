@@ -161,7 +161,7 @@ def minmax(qmodel: nn.Module, patches: torch.Tensor) -> nn.Module:
 def percentile(qmodel: nn.Module, patches: torch.Tensor, p: float = DEFAULT_PERCENTILE) -> nn.Module:
     """Percentile [FQN]: clip activations at their p-th / (100-p)-th percentiles; weights use MinMax."""
     return calibrate_streaming(
-        qmodel, patches, lambda q, x: minmax_bounds(x) if q.kind == "weight" else percentile_bounds(x, p))
+        qmodel, patches, lambda q, x: minmax_bounds(x) if q.kind == WEIGHT else percentile_bounds(x, p))
 
 
 def is_one_sided(quantizer: FakeQuantizer, mode: str) -> bool:

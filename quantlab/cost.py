@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quant import QuantLinear
+from .quant import QuantLinear, integer_levels
 
 QUANTIZED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -63,16 +63,16 @@ def pack_bits(levels: np.ndarray, bits: int) -> np.ndarray:
 
 
 def packed_size(qmodel: nn.Module) -> int:
-    """Bytes of a ``torch.save`` of the model with every quantized weight stored as packed b-bit
-    levels plus its (l, u), every other parameter as float32 (rel-pos tables included)."""
+    """Bytes of a ``torch.save`` of the model with every quantized weight stored as its packed b-bit
+    levels of Eq. 1 (:func:`quantlab.quant.integer_levels`) plus its (l, u), every other parameter as
+    float32 (rel-pos tables included)."""
     state: dict[str, torch.Tensor] = {}
     packed_params = set()
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantLinear):
-            q, w = module.weight, module.linear.weight.detach()
-            step = (q.upper - q.lower).detach() / (2**q.bits - 1)
-            levels = torch.round((torch.clamp(w, q.lower.detach(), q.upper.detach()) - q.lower.detach()) / step)
-            state[f"{name}.levels"] = torch.from_numpy(pack_bits(levels.flatten().numpy(), q.bits))
+            q = module.weight
+            levels = integer_levels(module.linear.weight, q.lower, q.upper, q.bits)
+            state[f"{name}.levels"] = torch.from_numpy(pack_bits(levels.flatten().cpu().numpy(), q.bits))
             packed_params.add(f"{name}.linear.weight")
     for name, value in qmodel.state_dict().items():
         if name not in packed_params:
@@ -87,19 +87,3 @@ def fp_size(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save({k: v.detach().float() for k, v in model.state_dict().items()}, buffer)
     return buffer.getbuffer().nbytes
-
-
-def cost_table(model: nn.Module, qmodels: dict[int, nn.Module] | None = None):
-    """A pandas DataFrame per bit width: compression ratio, speed-up, corrected speed-up, and
-    (when quantized models are given) FP and packed file sizes in bytes."""
-    import pandas as pd
-
-    rows = []
-    for bits in (4, 3, 2):
-        row = {"bits": bits, "compression": compression_ratio(model, bits), "speedup": speedup(model, bits),
-               "speedup_corrected": speedup(model, bits, corrected=True)}
-        if qmodels and bits in qmodels:
-            row |= {"fp_bytes": fp_size(model), "packed_bytes": packed_size(qmodels[bits])}
-        rows.append(row)
-    return pd.DataFrame(rows)
-

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import Bounds, calibrate_streaming, minmax_bounds
 from .data import PatchSampler
-from .distill import FeatureTap, output_loss
+from .distill import distill_step, feature_taps
 from .quant import WEIGHT, quantizers
 
 DBDC_BINS = 2048
@@ -104,7 +104,8 @@ PRESETS = {
 def _tune_bounds(qmodel: nn.Module, fp_model: nn.Module, params: list[nn.Parameter], iterations: int,
                  lrs: tuple[float, float], sampler: PatchSampler, batch_size: int, desc: str,
                  progress: bool) -> list[float]:
-    """Adam on ``params`` only, cosine lr ``lrs[0] -> lrs[1]``; returns the loss history."""
+    """Adam on ``params`` only, cosine lr ``lrs[0] -> lrs[1]``, loss L1 + 5 x :func:`energy_loss` (the DQC
+    training step, :func:`quantlab.distill.distill_step`); returns the loss history."""
     if not params or iterations <= 0:
         return []
     device = next(qmodel.parameters()).device
@@ -112,26 +113,13 @@ def _tune_bounds(qmodel: nn.Module, fp_model: nn.Module, params: list[nn.Paramet
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lrs[0])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=lrs[1])
-    tap_q, tap_fp = FeatureTap(qmodel), FeatureTap(fp_model)
     history = []
     try:
-        for _ in tqdm(range(iterations), desc=desc, disable=not progress):
-            lr_batch = sampler.sample(batch_size)[0].to(device)
-            with torch.no_grad():
-                out_fp = fp_model(lr_batch)
-            feats_fp = tap_fp.take()
-            out_q = qmodel(lr_batch)
-            feats_q = tap_q.take()
-            loss = output_loss(out_q, out_fp) + ENERGY_WEIGHT * sum(
-                energy_loss(q, f) for q, f in zip(feats_q, feats_fp))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            history.append(loss.item())
+        with feature_taps(qmodel, fp_model) as taps:
+            for _ in tqdm(range(iterations), desc=desc, disable=not progress):
+                lr_batch = sampler.sample(batch_size)[0].to(device)
+                history.append(distill_step(taps, lr_batch, optimizer, scheduler, "paper", energy_loss, ENERGY_WEIGHT))
     finally:
-        for handle in tap_q.handles + tap_fp.handles:
-            handle.remove()
         for p in params:
             p.requires_grad_(False)
     return history

@@ -18,9 +18,12 @@ Presets (CPU budget measured on the 2-core machine is in the README):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,16 +84,62 @@ def feature_loss(feat_q: torch.Tensor, feat_fp: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureTap:
-    """Forward hooks on the last Swin block of every RSTB; ``features`` holds this pass's outputs."""
+    """Forward hooks on the last Swin block of every RSTB of ``model``. Only a call of the tap records
+    them; any other forward of the model (e.g. a Set5 check) collects nothing."""
 
     def __init__(self, model: nn.Module):
-        self.features: list[torch.Tensor] = []
-        self.handles = [layer.blocks[-1].register_forward_hook(lambda m, i, out: self.features.append(out))
-                        for layer in model.layers]
+        self.model = model
+        self._features: list[torch.Tensor] | None = None
+        self.handles = [layer.blocks[-1].register_forward_hook(self._record) for layer in model.layers]
 
-    def take(self) -> list[torch.Tensor]:
-        features, self.features = self.features, []
-        return features
+    def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._features is not None:
+            self._features.append(output)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``model(x)`` and the RSTB features (B, N, C) of that forward."""
+        self._features = []
+        try:
+            return self.model(x), self._features
+        finally:
+            self._features = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextmanager
+def feature_taps(qmodel: nn.Module, fp_model: nn.Module) -> Iterator[tuple[FeatureTap, FeatureTap]]:
+    """(student tap, teacher tap), removed on exit."""
+    taps = FeatureTap(qmodel), FeatureTap(fp_model)
+    try:
+        yield taps
+    finally:
+        for tap in taps:
+            tap.remove()
+
+
+FeatureTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def distill_step(taps: tuple[FeatureTap, FeatureTap], lr_batch: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, output_kind: str, feature_term: FeatureTerm,
+                 feature_weight: float) -> float:
+    """One optimizer step on ``lr_batch`` (B, 3, h, w): L = output_loss + weight * sum_k feature_term(F_q^k, F^k)
+    over the RSTB features (Eq. 4 + lambda Eq. 5 for DQC). Returns L."""
+    student, teacher = taps
+    with torch.no_grad():
+        out_fp, feats_fp = teacher(lr_batch)
+    out_q, feats_q = student(lr_batch)
+    loss = output_loss(out_q, out_fp, output_kind)
+    if feature_weight:
+        loss = loss + feature_weight * sum(feature_term(q, f) for q, f in zip(feats_q, feats_fp, strict=True))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
@@ -101,12 +150,56 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick", train_folder: str | Path | None = None,
-        checkpoint: str | Path | None = None, seed: int = 0, progress: bool = True, **overrides) -> nn.Module:
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the FP model's parameters (names, shapes and float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str) -> dict:
+    """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
+    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed and
+    the SHA-256 of the teacher's weights. JSON-normalized, as stored."""
+    quant_config = getattr(qmodel, "quant_config", None)
+    return json.loads(json.dumps({
+        "method": method,
+        "quant_config": asdict(quant_config) if quant_config is not None else None,
+        "quantizers": {name: q.bits for name, q in quantizers(qmodel)},
+        "preset": {k: v for k, v in asdict(config).items() if k != "checkpoint_every"},
+        "seed": seed,
+        "teacher_sha256": weights_fingerprint(fp_model),
+    }))
+
+
+def fingerprint_differences(stored: dict, current: dict) -> list[str]:
+    """What differs between two :func:`run_fingerprint` results: ``preset`` and ``quant_config`` field by
+    field with both values (e.g. ``preset.iterations: 4 in the file, 6 now``), other entries by name."""
+    differing = []
+    for key in sorted(stored.keys() | current.keys()):
+        old, new = stored.get(key), current.get(key)
+        if old == new:
+            continue
+        if key in ("preset", "quant_config") and isinstance(old, dict) and isinstance(new, dict):
+            differing += [f"{key}.{k}: {old.get(k)!r} in the file, {new.get(k)!r} now"
+                          for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        else:
+            differing.append(key)
+    return differing
+
+
+def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick",
+        train_folder: str | Path | None = None, checkpoint: str | Path | None = None, seed: int = 0,
+        progress: bool = True, method: str = "dqc", **overrides) -> nn.Module:
     """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place.
 
-    ``checkpoint``: a file written every ``checkpoint_every`` iterations; an existing one is
-    resumed. ``overrides`` replace preset fields (e.g. ``iterations=10``).
+    ``checkpoint``: a file written every ``checkpoint_every`` iterations. An existing one is resumed
+    only when its :func:`run_fingerprint` equals this run's (``method`` names the PTQ method the run
+    belongs to, e.g. ``2dquant``); otherwise a ValueError names the file and the fields that differ,
+    and the file is left untouched: delete it to start over, or checkpoint elsewhere. ``overrides``
+    replace preset fields (e.g. ``iterations=10``).
     """
     config = replace(get_preset(preset), **overrides)
     scale = fp_model.config.scale
@@ -115,8 +208,6 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     for p in qmodel.parameters():
         p.requires_grad_(False)
     params = bound_parameters(qmodel)
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
     total = config.iterations
     factor = (lambda i: 0.5 * (1 + math.cos(math.pi * i / total))) if config.schedule == "cosine" else (lambda i: 1.0)
@@ -125,10 +216,15 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     sampler = PatchSampler(scale, config.patch_size, train_folder, seed=seed)
     state = {"iteration": 0, "best_psnr": -math.inf, "best_bounds": None, "history": []}
     path = Path(checkpoint) if checkpoint else None
+    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method) if path else None
     if path and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
+        differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)
+        if differing:
+            raise ValueError(f"{path} is the DQC checkpoint of another run (it differs in {'; '.join(differing)}): "
+                             "delete it to start over, or checkpoint elsewhere (quantlab quantize: another --out)")
         with torch.no_grad():
-            for p, v in zip(params, saved["bounds"]):
+            for p, v in zip(params, saved["bounds"], strict=True):
                 p.copy_(v)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -138,48 +234,39 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
 
     def save() -> None:
         with atomic_path(path) as tmp:
-            torch.save({"bounds": [p.detach() for p in params], "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
+            torch.save({"fingerprint": json.dumps(fingerprint), "bounds": [p.detach() for p in params],
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
                         "torch_rng": torch.get_rng_state(), "best_bounds": state["best_bounds"],
                         "state": json.dumps({k: v for k, v in state.items() if k != "best_bounds"})}, tmp)
 
-    tap_q, tap_fp = FeatureTap(qmodel), FeatureTap(fp_model)
+    for p in params:
+        p.requires_grad_(True)
     qmodel.eval()  # as released: the student runs in eval mode; only the bounds learn
     bar = tqdm(total=total, initial=state["iteration"], desc=f"DQC x{scale}", disable=not progress)
     try:
-        while state["iteration"] < total:
-            lr_batch = sampler.sample(config.batch_size)[0].to(device)
-            with torch.no_grad():
-                out_fp = fp_model(lr_batch)
-            feats_fp = tap_fp.take()
-            out_q = qmodel(lr_batch)
-            feats_q = tap_q.take()
-            loss = output_loss(out_q, out_fp, config.loss)
-            if config.feature_weight:
-                loss = loss + config.feature_weight * sum(feature_loss(q, f) for q, f in zip(feats_q, feats_fp))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            state["iteration"] += 1
-            state["history"].append(loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-            i = state["iteration"]
-            if config.select_every and (i % config.select_every == 0 or i == total):
-                psnr = float(summarize(evaluate(qmodel, ["Set5"], scale, progress=False))["psnr"].iloc[0])
-                if psnr > state["best_psnr"]:
-                    state.update(best_psnr=psnr, best_iteration=i, best_bounds=[p.detach().clone() for p in params])
-            if path and (i % config.checkpoint_every == 0 or i == total):
-                save()
+        with feature_taps(qmodel, fp_model) as taps:
+            while state["iteration"] < total:
+                lr_batch = sampler.sample(config.batch_size)[0].to(device)
+                loss = distill_step(taps, lr_batch, optimizer, scheduler, config.loss, feature_loss,
+                                    config.feature_weight)
+                state["iteration"] += 1
+                state["history"].append(loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3g}")
+                i = state["iteration"]
+                if config.select_every and (i % config.select_every == 0 or i == total):
+                    psnr = float(summarize(evaluate(qmodel, ["Set5"], scale, progress=False))["psnr"].iloc[0])
+                    if psnr > state["best_psnr"]:
+                        state.update(best_psnr=psnr, best_iteration=i,
+                                     best_bounds=[p.detach().clone() for p in params])
+                if path and (i % config.checkpoint_every == 0 or i == total):
+                    save()
     finally:
         bar.close()
-        for handle in tap_q.handles + tap_fp.handles:
-            handle.remove()
     if state["best_bounds"] is not None:
         with torch.no_grad():
-            for p, v in zip(params, state["best_bounds"]):
+            for p, v in zip(params, state["best_bounds"], strict=True):
                 p.copy_(v)
     for p in params:
         p.requires_grad_(False)

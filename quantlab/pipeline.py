@@ -6,7 +6,6 @@ different FP model is refused) and, for CondiQuant, the conditioned linear weigh
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,7 @@ from . import calibrate
 from .condition import condition_model
 from .data import calibration_patches
 from .dbdc import dbdc_pac
-from .distill import dqc, get_preset
+from .distill import dqc, get_preset, weights_fingerprint
 from .files import atomic_path
 from .quant import QuantConfig, quantize, quantizers
 
@@ -27,15 +26,6 @@ DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
 TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices
 FORMAT = "quantlab-quantized-v1"
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the FP model's parameters (names, shapes and float32 bytes)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
@@ -70,7 +60,7 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
         else:
             calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
         dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
-            **dqc_overrides)
+            method=method, **dqc_overrides)
     elif method == "dbdc_pac":
         dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
     else:

@@ -39,19 +39,22 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def _clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                 levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed in place on the clipped copy."""
+    step = (upper - lower) / levels
+    return torch.clamp(x, lower, upper).sub_(lower).div_(step), step
+
+
 class _FakeQuantize(torch.autograd.Function):
     """Eq. (1) forward, Eq. (2) backward; ``lower``/``upper`` broadcast against ``x``."""
 
     @staticmethod
     def forward(ctx, x, lower, upper, levels):
-        step = (upper - lower) / levels
-        c_hat = torch.clamp(x, lower, upper).sub_(lower).div_(step)  # in place: same ops as Eq. 1, fewer buffers
-        if any(ctx.needs_input_grad[:3]):
-            r = torch.round(c_hat)
-            ctx.save_for_backward(x, lower, upper, r - c_hat)
-            ctx.levels = levels
-        else:
-            r = c_hat.round_()
+        c_hat, step = _clip_scaled(x, lower, upper, levels)
+        r = torch.round(c_hat)
+        ctx.save_for_backward(x, lower, upper, r - c_hat)
+        ctx.levels = levels
         return r.mul_(step).add_(lower)
 
     @staticmethod
@@ -70,13 +73,30 @@ def repaired_upper(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     return torch.maximum(upper, lower + MIN_RANGE)
 
 
+def _bounds_like(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(l, repaired u)`` as tensors of ``x``'s dtype and device."""
+    lower = torch.as_tensor(lower, dtype=x.dtype, device=x.device)
+    return lower, repaired_upper(lower, torch.as_tensor(upper, dtype=x.dtype, device=x.device))
+
+
 def fake_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
     """Eq. (1) with Eq. (2) gradients. ``lower``/``upper``: tensors broadcastable to ``x`` (e.g. (1,)
-    per tensor, (C, 1) per output channel); ``u <= l`` is repaired by :func:`repaired_upper`."""
+    per tensor, (C, 1) per output channel); ``u <= l`` is repaired by :func:`repaired_upper`. With
+    grad disabled (or nothing requiring it) the same forward runs without autograd bookkeeping."""
     levels = 2 ** check_bits(bits) - 1
-    lower = torch.as_tensor(lower, dtype=x.dtype, device=x.device)
-    upper = torch.as_tensor(upper, dtype=x.dtype, device=x.device)
-    return _FakeQuantize.apply(x, lower, repaired_upper(lower, upper), levels)
+    lower, upper = _bounds_like(x, lower, upper)
+    if torch.is_grad_enabled() and (x.requires_grad or lower.requires_grad or upper.requires_grad):
+        return _FakeQuantize.apply(x, lower, upper, levels)
+    c_hat, step = _clip_scaled(x, lower, upper, levels)
+    return c_hat.round_().mul_(step).add_(lower)
+
+
+@torch.no_grad()
+def integer_levels(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers r = round((clip(x, l, u) - l) / s) in [0, 2^b - 1] of Eq. 1 (x_q = s r + l), as
+    floats of ``x``'s shape: what a b-bit kernel stores. Same bounds rule as :func:`fake_quantize`."""
+    lower, upper = _bounds_like(x, lower, upper)
+    return _clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1)[0].round_()
 
 
 class FakeQuantizer(nn.Module):

@@ -1,8 +1,9 @@
 """Compression and speed-up figures as 2DQuant computes them (reference doc §6)."""
 import pytest
+import torch
 
 from quantlab.cost import compression_ratio, fp_size, mac_counts, pack_bits, packed_size, speedup
-from quantlab.quant import QuantConfig, quantize
+from quantlab.quant import QuantConfig, integer_levels, quantize, repaired_upper
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 
@@ -29,3 +30,17 @@ def test_pack_bits_is_dense_and_lossless():
 def test_packed_file_is_smaller_at_fewer_bits(x4):
     sizes = {b: packed_size(quantize(x4, QuantConfig(bits=b))) for b in (4, 2)}
     assert sizes[2] < sizes[4] < fp_size(x4)
+
+
+def test_packed_levels_decode_to_the_fake_quantized_weights(x4):
+    """The stored levels are those of the quantizer itself, crossed bounds repaired as in Eq. 1's forward."""
+    qmodel = quantize(x4, QuantConfig(bits=3))
+    layer = qmodel.layers[0].blocks[0].mlp.fc1
+    layer.weight.set_bounds(0.05, 0.05)
+    q, w = layer.weight, layer.linear.weight
+    levels = integer_levels(w, q.lower, q.upper, 3)
+    assert levels.min() >= 0 and levels.max() <= 7 and torch.equal(levels, levels.round())
+    with torch.no_grad():
+        step = (repaired_upper(q.lower, q.upper) - q.lower) / 7
+        torch.testing.assert_close(levels * step + q.lower, q(w))
+    assert packed_size(qmodel) < fp_size(x4)

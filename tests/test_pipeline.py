@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from quantlab import calibrate
+from quantlab import calibrate, distill
 from quantlab.cli import main
-from quantlab.checkpoints import save_model
+from quantlab.checkpoints import load_model, save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
 from quantlab.pipeline import linear_weights, load_quantized, quantize_with, save_quantized
 from quantlab.quant import QuantConfig, quantize
@@ -52,6 +52,38 @@ def test_dqc_trains_only_bounds_and_lowers_the_output_error(fp_model, tmp_path, 
     assert all(torch.equal(weights[k], v) for k, v in trained.state_dict().items() if k in weights)
     assert any(not torch.equal(a, b) for a, b in zip(bound_parameters(trained), bound_parameters(base)))
 
+
+def test_dqc_set5_selection_leaves_the_feature_loss_alone(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
+    """Set5 checks between steps must not feed the feature taps: every Eq. 5 term pairs the student's
+    and the teacher's features of the same training batch."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    fp = load_model(tiny_checkpoint)
+    qmodel = calibrate.minmax(quantize(fp, QuantConfig(bits=4)), torch.rand(2, 3, 16, 16))
+    pairs, real_loss = [], distill.feature_loss
+    monkeypatch.setattr(distill, "feature_loss", lambda q, f: pairs.append((q.shape, f.shape)) or real_loss(q, f))
+    dqc(qmodel, fp, "quick", train_folder=train_folder, iterations=4, batch_size=2, patch_size=16, select_every=2,
+        feature_weight=5.0, progress=False)
+    assert pairs == [((2, 256, 12), (2, 256, 12))] * (4 * len(fp.layers))
+
+
+def test_dqc_refuses_a_checkpoint_of_another_run(fp_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    settings = dict(iterations=4, batch_size=2, patch_size=16, checkpoint_every=2, progress=False)
+    path = tmp_path / "q.dqc.pt"
+    dqc(calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches), fp_model, "quick", checkpoint=path,
+        **settings)
+    four_bits = calibrate.minmax(quantize(fp_model, QuantConfig(bits=4)), patches)
+    before = [p.clone() for p in bound_parameters(four_bits)]
+    with pytest.raises(ValueError, match=r"q\.dqc\.pt .*quant_config\.bits: 3 in the file, 4 now.*delete it"):
+        dqc(four_bits, fp_model, "quick", checkpoint=path, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(before, bound_parameters(four_bits)))
+    with pytest.raises(ValueError, match="preset.iterations: 4 in the file, 6 now"):
+        dqc(calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches), fp_model, "quick", checkpoint=path,
+            **settings | {"iterations": 6})
+    with pytest.raises(ValueError, match="teacher_sha256"):
+        dqc(calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches), SwinIR(TINY).eval(), "quick",
+            checkpoint=path, **settings)
 
 
 def test_dqc_resume_after_interruption_equals_straight_run(fp_model, tmp_path, monkeypatch):

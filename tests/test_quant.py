@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantlab import calibrate
+from quantlab import calibrate, quant
 from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, percentile_bounds,
                                 quantization_error)
 from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
@@ -26,6 +26,19 @@ def test_forward_is_eq1_on_a_grid():
         assert (out - eq1(x, lower, upper, bits)).abs().max() < 1e-12
 
 
+def assert_eq2_gradients(x, lower, upper, bits, upstream):
+    """The gradients left in ``x``, ``lower``, ``upper`` by ``Q(x).backward(upstream)`` are Eq. (2)'s."""
+    x, lo, hi = x.detach(), lower.detach(), upper.detach()
+    n = 2**bits - 1
+    step = (hi - lo) / n
+    c_hat = (x.clamp(lo.item(), hi.item()) - lo) / step
+    frac = (torch.round(c_hat) - c_hat) / n
+    if x.grad is not None:
+        assert torch.allclose(x.grad, upstream * ((x >= lo) & (x <= hi)))
+    assert torch.allclose(upper.grad, (upstream * ((x >= hi).to(x.dtype) + frac)).sum())
+    assert torch.allclose(lower.grad, (upstream * ((x <= lo).to(x.dtype) - frac)).sum())
+
+
 def test_backward_is_eq2():
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(500, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
@@ -33,14 +46,33 @@ def test_backward_is_eq2():
     upper = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(500, generator=gen, dtype=torch.float64)
     fake_quantize(x, lower, upper, 3).backward(upstream)
-    n = 7
-    step = (upper - lower).detach() / n
-    c_hat = (x.detach().clamp(lower.item(), upper.item()) - lower.detach()) / step
-    frac = (torch.round(c_hat) - c_hat) / n
-    inside = (x >= lower) & (x <= upper)
-    assert torch.allclose(x.grad, upstream * inside)
-    assert torch.allclose(upper.grad, (upstream * ((x >= upper).double() + frac)).sum())
-    assert torch.allclose(lower.grad, (upstream * ((x <= lower).double() - frac)).sum())
+    assert x.grad is not None
+    assert_eq2_gradients(x, lower, upper, 3, upstream)
+
+
+def test_inference_takes_the_cheap_path_with_the_same_values(monkeypatch):
+    """Bounds are Parameters, yet with grad disabled no autograd Function runs (nothing saved for
+    Eq. 2); the values are bit-identical and, with grad enabled, the gradients are still Eq. 2."""
+    gen = torch.Generator().manual_seed(1)
+    quantizer = FakeQuantizer("linear_input", 3)
+    quantizer.set_bounds(-1.0, 0.8)
+    x = torch.randn(4, 300, generator=gen) * 1.5
+    upstream = torch.randn(4, 300, generator=gen)
+    trained = quantizer(x)
+    trained.backward(upstream)
+    assert_eq2_gradients(x, quantizer.lower, quantizer.upper, 3, upstream)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran with grad disabled")
+
+    monkeypatch.setattr(quant._FakeQuantize, "apply", refuse)
+    with torch.no_grad():
+        no_grad = quantizer(x.clone().requires_grad_())
+    with torch.inference_mode():
+        inference = quantizer(x)
+    assert torch.equal(no_grad, trained) and torch.equal(inference, trained)
+    assert torch.equal(quant.integer_levels(x, quantizer.lower, quantizer.upper, 3),
+                       torch.round((trained.detach() - quantizer.lower.detach()) * 7 / 1.8))
 
 
 def test_bits_checked_and_crossed_bounds_never_nan():
@@ -89,6 +121,11 @@ def test_swinir_light_gets_384_named_quantizers_and_fp_model_is_untouched():
     assert joint[f"{block}.attn.qkv.weight"].bits == 4 and joint[f"{block}.attn.qkv.act"].bits == 3
 
 
+def test_quantize_is_exported_at_the_top_level():
+    import quantlab
+    assert quantlab.quantize is quantize and quantlab.QuantConfig is QuantConfig
+
+
 def test_quantizers_off_reproduce_the_fp_model():
     model = SwinIR(TINY).eval()
     qmodel = quantize(model)
@@ -98,10 +135,28 @@ def test_quantizers_off_reproduce_the_fp_model():
         assert torch.allclose(qmodel(x), model(x), atol=1e-6)
 
 
+def reference_grid(lo: float, hi: float, symmetric: bool, k: int) -> list[tuple[float, float]]:
+    """DOBI's candidates as the reference doc §3 states them, i = 0..K-1, R = hi - lo: symmetric
+    l_i = lo + i R/(2K), u_i = hi - i R/(2K); one-sided l_i = lo, u_i = hi - i R/K."""
+    r = hi - lo
+    if symmetric:
+        return [(lo + i * r / (2 * k), hi - i * r / (2 * k)) for i in range(k)]
+    return [(lo, hi - i * r / k) for i in range(k)]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("lo, hi", [(-1.0, 3.0), (-0.17, 5.3), (0.0, 1.0)])
+def test_dobi_candidates_are_the_reference_grid(symmetric, lo, hi):
+    lower, upper = dobi_candidates(torch.tensor(lo), torch.tensor(hi), symmetric, 100)
+    expected = torch.tensor(reference_grid(lo, hi, symmetric, 100), dtype=torch.float64)
+    torch.testing.assert_close(torch.stack([lower, upper], 1).double(), expected, rtol=1e-6, atol=1e-7)
+
+
 def brute_force_dobi(x, bits, symmetric, num_points):
-    lower, upper = dobi_candidates(x.min(), x.max(), symmetric, num_points)
+    """Every candidate of the reference grid scored by the L2 norm of the error; the first minimum wins."""
     best, best_err = None, float("inf")
-    for lo, hi in zip(lower, upper):
+    for lo, hi in reference_grid(x.min().item(), x.max().item(), symmetric, num_points):
+        lo, hi = torch.tensor(lo, dtype=x.dtype), torch.tensor(hi, dtype=x.dtype)
         err = torch.linalg.norm(x - eq1(x, lo, hi, bits)).item()
         if err < best_err:
             best, best_err = (lo, hi), err
