@@ -127,18 +127,17 @@ def condition_numbers(model: nn.Module, qkv_mode: str = "joint") -> dict[str, fl
 def _collect(
     run: Callable[[torch.Tensor], object], inputs: torch.Tensor, modules: dict[str, nn.Linear], batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """H = X^T X / N (float64, in x in) of the inputs of ``modules`` while ``run`` is applied batch by batch."""
+    """H = X^T X / N (in x in, float64 sum of per-batch Grams) of the inputs of ``modules`` while ``run`` is
+    applied batch by batch."""
     device = next(iter(modules.values())).weight.device
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(modules, 0)
 
     def hook(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            if name in sums:
-                sums[name].addmm_(x.T, x)
-            else:
-                sums[name] = x.T @ x
+            x = args[0].reshape(-1, args[0].shape[-1])
+            gram = (x.T @ x).double()  # one batch in the input's dtype (fast GEMM), summed over batches in float64
+            sums[name] = sums[name] + gram if name in sums else gram
             counts[name] += x.shape[0]
 
         return accumulate
@@ -254,14 +253,15 @@ class _Stop(Exception):
 
 
 def _first_rstb_inputs(model: nn.Module, patches: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, tuple]:
-    """Tokens (n, h*w, C) entering ``model.layers[0]`` and their (h, w), from forward passes stopped there."""
+    """Tokens (n, h*w, C) entering ``model.layers[0]`` and the RSTB's other arguments (size, shift mask),
+    from forward passes stopped there."""
     device = next(model.parameters()).device
-    tokens, size = [], None
+    tokens, rstb_args = [], ()
 
     def stop(module: nn.Module, args: tuple) -> None:
-        nonlocal size
+        nonlocal rstb_args
         tokens.append(args[0].clone())
-        size = args[1]
+        rstb_args = args[1:]
         raise _Stop
 
     handle = model.layers[0].register_forward_pre_hook(stop)
@@ -274,7 +274,7 @@ def _first_rstb_inputs(model: nn.Module, patches: torch.Tensor, batch_size: int)
                     pass
     finally:
         handle.remove()
-    return torch.cat(tokens), size
+    return torch.cat(tokens), rstb_args
 
 
 def condition_model(
@@ -312,7 +312,7 @@ def condition_model(
     bar = tqdm(total=len(targets), desc="conditioning", unit="layer", disable=not progress)
     start = time.perf_counter()
     if config.statistics == "sequential":
-        fit_tokens, size = _first_rstb_inputs(conditioned, fit, config.batch_size)
+        fit_tokens, rstb_args = _first_rstb_inputs(conditioned, fit, config.batch_size)
         held_tokens = _first_rstb_inputs(conditioned, held, config.batch_size)[0] if n_held else fit_tokens
     for index, stage in enumerate(stages):
         modules = {t.module: named[t.module] for t in stage}
@@ -321,8 +321,8 @@ def condition_model(
             h_held = _collect(conditioned, held, modules, config.batch_size) if n_held else h_fit
         else:
             rstb = conditioned.layers[index]
-            h_fit = _collect(lambda x: rstb(x, size), fit_tokens, modules, config.batch_size)
-            h_held = _collect(lambda x: rstb(x, size), held_tokens, modules, config.batch_size) if n_held else h_fit
+            h_fit = _collect(lambda x: rstb(x, *rstb_args), fit_tokens, modules, config.batch_size)
+            h_held = _collect(lambda x: rstb(x, *rstb_args), held_tokens, modules, config.batch_size) if n_held else h_fit
         seconds["statistics"] += time.perf_counter() - start
         start = time.perf_counter()
         with _one_thread_on_cpu(device), torch.no_grad():
@@ -342,8 +342,8 @@ def condition_model(
         start = time.perf_counter()
         if config.statistics == "sequential" and index + 1 < len(stages):
             with torch.inference_mode():
-                fit_tokens = torch.cat([rstb(x, size) for x in fit_tokens.split(config.batch_size)])
-                held_tokens = torch.cat([rstb(x, size) for x in held_tokens.split(config.batch_size)]) if n_held else fit_tokens
+                fit_tokens = torch.cat([rstb(x, *rstb_args) for x in fit_tokens.split(config.batch_size)])
+                held_tokens = torch.cat([rstb(x, *rstb_args) for x in held_tokens.split(config.batch_size)]) if n_held else fit_tokens
     seconds["statistics"] += time.perf_counter() - start
     bar.close()
     report = pd.DataFrame(rows, columns=["name", "kappa_before", "kappa_after", "rel_output_error"])
