@@ -1,17 +1,23 @@
 """Statistics behind the papers' analysis figures (no plotting: see :mod:`quantlab.plots`).
 
+- :func:`setup`: the analysis notebooks' common start (threads, seed, FP model, calibration patches, tag);
 - :func:`collect_tensors`: the tensor every quantizer sees on a calibration batch (2DQuant Fig. 4, 7-11);
 - :func:`summary_table`: per-tensor statistics and the bell / one-sided class (2DQuant Sec. 3.2);
 - :func:`bound_percentiles`: where each quantizer's (l, u) fall in its tensor's distribution (2DQuant Fig. 5);
 - :func:`activation_ranks`: numerical rank of each linear layer's input along depth (CondiQuant Fig. 2);
 - :func:`kappa_table` / :func:`kappa_summary` / :func:`condition_sweep`: condition numbers before and
-  after conditioning (CondiQuant Fig. 5) and their dependence on the conditioning options.
+  after conditioning (CondiQuant Fig. 5) and their dependence on the conditioning options
+  (:func:`sweep_settings`, :func:`sweep_score`).
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,7 +25,9 @@ import torch
 from torch import nn
 
 from .calibrate import flat_values, stream
+from .checkpoints import load_model
 from .condition import ConditionConfig, condition_model, gram_matrices, linear_targets
+from .data import calibration_patches
 from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, bounds_table, quantizers
 
 DEFAULT_SAMPLE = 2**16  # elements kept per tensor: bounded memory whatever the calibration batch
@@ -41,6 +49,30 @@ class TensorSample:
     max: float
     numel: int
     values: torch.Tensor
+
+
+class Setup(NamedTuple):
+    """What :func:`setup` returns: the FP ``model``, its ``scale``, the calibration ``patches`` and the
+    file ``tag`` ``x<scale>_w<bits>a<bits>``."""
+    model: nn.Module
+    scale: int
+    patches: torch.Tensor
+    tag: str
+
+
+def setup(model: str | Path | nn.Module, quick: bool = True, bits: int = 4, seed: int = 0,
+          train: str | Path | None = None, threads: int | None = None, full_patches: int = 32) -> Setup:
+    """The analysis notebooks' start: ``threads`` torch threads (None: torch's default), the global
+    seed, the FP model (weights path, embedded name or module) and seeded calibration patches from
+    ``train`` (default ``<data>/train``): 4 of 3x32x32 when ``quick``, else ``full_patches`` of 3x64x64."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    fp = load_model(model) if isinstance(model, (str, Path)) else model.eval()
+    scale = fp.config.scale
+    patches = calibration_patches(n=4 if quick else full_patches, size=32 if quick else 64, scale=scale, folder=train,
+                                  seed=seed)
+    return Setup(fp, scale, patches, f"x{scale}_w{bits}a{bits}")
 
 
 def subsample(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -254,3 +286,25 @@ def quantized_psnr(model: nn.Module, bits: int, patches: torch.Tensor, method: s
     mean = scores[scores["image"] == MEAN_ROW].iloc[0]
     return {"psnr": float(mean["psnr"]), "ssim": float(mean["ssim"])}
 
+
+def sweep_settings(quick: bool = True) -> list[dict]:
+    """The settings of the conditioning sweep (:func:`condition_sweep`): three short runs when
+    ``quick``; otherwise lambda x steps of the ``variance`` prox and three kappa targets of ``band``
+    and ``clip_top``."""
+    if quick:
+        return [{"lam": 0.0015, "steps": 5}, {"lam": 0.02, "steps": 5}, {"prox": "band", "steps": 5}]
+    return ([{"lam": lam, "steps": steps, "prox": "variance"}
+             for lam, steps in itertools.product((3e-4, 1.5e-3, 6e-3, 2e-2), (10, 50, 100))]
+            + [{"prox": prox, "kappa_target": k, "steps": 50} for prox in ("band", "clip_top") for k in (10, 30, 100)])
+
+
+def sweep_score(bits: int, patches: torch.Tensor, method: str = "dobi", images: int | None = None,
+                quick: bool = True, train_folder: str | Path | None = None
+                ) -> Callable[[nn.Module], dict[str, float]] | None:
+    """The PSNR column of a conditioning sweep: :func:`quantized_psnr` at ``bits`` with ``method``,
+    calibrated on the first 32 ``patches``, on the first ``images`` of Set5 (None: every image, or no
+    column at all when ``quick``). None when there is no column."""
+    if images is None and quick:
+        return None
+    return partial(quantized_psnr, bits=bits, patches=patches[:32], method=method, limit=images,
+                   train_folder=train_folder)

@@ -1,50 +1,104 @@
-"""Command line: ``quantlab eval``, ``quantlab quantize`` and ``quantlab train``."""
+"""The ``quantlab`` command: ``eval``, ``quantize``, ``table``, ``reproduce`` and ``train``."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 import torch
+from torch import nn
 
 from .checkpoints import EMBEDDED_MODELS, load_model
-from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .data import Benchmark
 from .distill import PRESETS
-from .pipeline import DISTILLED, METHODS, load_quantized, quantize_with, save_quantized
-from .quant import quantizers
+from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .pipeline import METHODS, load_quantized
+from .quant import MAX_BITS, MIN_BITS, quantizers
 from .reproduce import FIGURES_DIR, NOTEBOOKS, TABLE_METHODS, NotebookFailed, reproduce
-from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, results_grid, save_table,
-                      to_markdown, write_csv_atomic)
+from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, quantize_to_file, results_grid,
+                      save_table, to_markdown, write_csv_atomic)
 from .train import TrainConfig, Trainer
+
+SCALES = (2, 3, 4)
+BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
+TEACHERS = {"fp": "original", "conditioned": "conditioned"}  # --teacher -> quantize_with(teacher=...)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit code 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def resolve_models(names: list[str], scales: list[int] | None) -> list[tuple[str, int]]:
-    """(model name or path, scale) pairs. ``bicubic`` and ``default`` (the shipped ``default-x<s>``)
-    take every requested scale (default 2, 3, 4); a named model or checkpoint brings its own scale."""
-    wanted = scales or [2, 3, 4]
-    pairs = []
+def int_list(allowed: Sequence[int]) -> Callable[[str], list[int]]:
+    """An argparse type: a comma list of integers from ``allowed``."""
+    names = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
+
+    def parse(text: str) -> list[int]:
+        items = comma_list(text)
+        if not items or not all(item.isdigit() and int(item) in allowed for item in items):
+            raise argparse.ArgumentTypeError(f"must be {names}, as a comma list such as {allowed[0]},{allowed[-1]}; "
+                                             f"got {text!r}")
+        return [int(item) for item in items]
+
+    return parse
+
+
+def dataset_list(text: str) -> list[str]:
+    """An argparse type: a comma list of benchmark sets, each found in the data folder before any computation."""
+    names = comma_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one set, e.g. Set5,Set14")
+    for name in names:
+        try:
+            Benchmark(name, SCALES[0])  # the same images at every scale
+        except FileNotFoundError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return names
+
+
+def patch_schedule(text: str) -> list[tuple[int, int]]:
+    """An argparse type: ``until_step:size`` pairs."""
+    try:
+        return [(int(until), int(size)) for until, size in (item.split(":") for item in comma_list(text))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be until_step:size pairs such as 4000:32,1000000000:48; "
+                                         f"got {text!r}") from None
+
+
+def resolve_models(names: list[str], scales: list[int] | None,
+                   device: str | None = "cpu") -> list[tuple[str, int, nn.Module | str]]:
+    """(name, scale, model or ``"bicubic"``) triples, every model loaded once on ``device``. ``bicubic``
+    and ``default`` (the shipped ``default-x<s>``) take every requested scale (default 2, 3, 4); a
+    named model or checkpoint brings its own scale."""
+    wanted = scales or list(SCALES)
+    models = []
     for name in names:
         if name == "bicubic":
-            pairs += [("bicubic", s) for s in wanted]
+            models += [("bicubic", s, "bicubic") for s in wanted]
         elif name == "default":
             shipped = [s for s in wanted if EMBEDDED_MODELS[f"default-x{s}"].is_file()]
             if len(shipped) < len(wanted):
                 missing = sorted(set(wanted) - set(shipped))
                 print(f"note: no embedded default model for x{missing} yet; skipped", file=sys.stderr)
-            pairs += [(f"default-x{s}", s) for s in shipped]
+            models += [(f"default-x{s}", s, load_model(f"default-x{s}", device=device)) for s in shipped]
         else:
-            scale = load_model(name).scale
-            if scales and scale not in scales:
-                raise ValueError(f"{name} is a x{scale} model but --scale {','.join(map(str, scales))} was given")
-            pairs.append((name, scale))
-    return pairs
+            model = load_model(name, device=device)
+            if scales and model.scale not in scales:
+                raise ValueError(f"{name} is a x{model.scale} model but --scale {','.join(map(str, scales))} was "
+                                 f"given; drop --scale or add {model.scale}")
+            models.append((name, model.scale, model))
+    return models
 
 
 def model_label(name: str) -> str:
@@ -52,24 +106,20 @@ def model_label(name: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    scales = [int(s) for s in comma_list(args.scale)] if args.scale else None
-    if scales and not set(scales) <= {2, 3, 4}:
-        raise ValueError(f"--scale must be 2, 3 or 4, got {args.scale}")
-    pairs = resolve_models(comma_list(args.model), scales)
-    if not pairs:
+    models = resolve_models(comma_list(args.model), args.scale, args.device)
+    if not models:
         raise ValueError("nothing to evaluate: no model matched --model/--scale")
-    if args.json and len(pairs) > 1:
-        raise ValueError(f"--json prints one model at one scale; got {len(pairs)}: {pairs}")
-    frames = []
-    if args.quantized and (len(pairs) != 1 or pairs[0][0] == "bicubic"):
+    if args.quantized and (len(models) != 1 or models[0][2] == "bicubic"):
         raise ValueError("--quantized needs exactly one FP model (--model default-x2 or a checkpoint path)")
-    for name, scale in pairs:
-        method = "bicubic" if name == "bicubic" else load_model(name, device=args.device)
+    if args.json and len(models) > 1:
+        raise ValueError(f"--json prints one model at one scale; got {len(models)}: "
+                         f"{[(name, scale) for name, scale, _ in models]}")
+    frames = []
+    for name, scale, upscaler in models:
         if args.quantized:
-            method = load_quantized(args.quantized, method)
+            upscaler = load_quantized(args.quantized, upscaler)
             name = f"{model_label(name)}+{Path(args.quantized).stem}"
-        scores = evaluate(method, comma_list(args.datasets), scale, pad=args.pad, limit=args.limit,
-                          progress=not args.json)
+        scores = evaluate(upscaler, args.datasets, scale, pad=args.pad, limit=args.limit, progress=not args.json)
         frames.append(scores.assign(method=model_label(name), scale=scale))
     scores = pd.concat(frames, ignore_index=True)
     summary = summarize(scores, by=("method", "scale", "dataset"))
@@ -86,21 +136,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    if args.teacher and args.method != "condiquant":
+        raise ValueError(f"--teacher applies to --method condiquant only (got --method {args.method}); drop --teacher")
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
-    qmodel = quantize_with(fp_model, args.method, bits=args.bits, preset=args.preset, train_folder=args.data,
-                           checkpoint=Path(args.out).with_suffix(".dqc.pt") if args.method in DISTILLED else None)
-    save_quantized(qmodel, fp_model, args.out)
+    qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, train_folder=args.data,
+                              teacher=TEACHERS[args.teacher or "fp"])
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    sources = [args.model.format(scale=s) for s in comma_list(args.scales)]
-    results = results_grid(sources, [int(b) for b in comma_list(args.bits)], comma_list(args.methods),
-                           comma_list(args.datasets), args.preset, args.out, args.limit)
+    sources = list(dict.fromkeys(args.model.format(scale=s) for s in args.scales))
+    results = results_grid(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out,
+                           args.limit)
     caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers")
     paths = save_table(results, args.out, args.name, caption)
     print(to_markdown(paper_layout(results, paper=True), caption))
@@ -124,9 +175,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    schedule = [tuple(int(v) for v in item.split(":")) for item in comma_list(args.patch_schedule)]
     config = TrainConfig(
-        scale=args.scale, steps=args.steps, batch_size=args.batch_size, patch_schedule=schedule, lr=args.lr,
+        scale=args.scale, steps=args.steps, batch_size=args.batch_size, patch_schedule=args.patch_schedule, lr=args.lr,
         warmup_steps=args.warmup, ema_decay=args.ema, init_from=args.init_from, train_folder=args.data,
         val_every=args.val_every, checkpoint_minutes=args.checkpoint_minutes, seed=args.seed,
     )
@@ -138,15 +188,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantlab", description=__doc__)
+    parser = Parser(prog="quantlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("eval", help="PSNR/SSIM of models and the bicubic baseline on benchmark sets")
     ev.add_argument("--model", "--models", default="bicubic,default",
                     help="comma list: bicubic, default (the shipped default-x<s>), default-x2, or checkpoint paths")
-    ev.add_argument("--scale", "--scales", default=None,
+    ev.add_argument("--scale", "--scales", type=int_list(SCALES), default=None,
                     help="comma list of scales for bicubic/default (default 2,3,4); a checkpoint brings its own")
-    ev.add_argument("--datasets", default="Set5,Set14")
+    ev.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -158,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     qu = sub.add_parser("quantize", help="calibrate a quantized model and save its bounds")
     qu.add_argument("--model", default="default-x2", help="default-x2/x3/x4 or an FP checkpoint path")
     qu.add_argument("--method", required=True, choices=METHODS)
-    qu.add_argument("--bits", type=int, default=4, help="bits of weights and activations (2-8)")
+    qu.add_argument("--bits", type=int, default=4, choices=BITS, metavar=f"{MIN_BITS}-{MAX_BITS}",
+                    help="bits of weights and activations")
     qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
+    qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
+                    help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=int, default=None)
     qu.add_argument("--device", default=None)
@@ -169,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ta = sub.add_parser("table", help="a results table in the papers' layout, every cell cached")
     ta.add_argument("--model", default="default-x{scale}", help="weights; {scale} is replaced per scale")
-    ta.add_argument("--scales", default="2")
-    ta.add_argument("--bits", default="4,3,2")
+    ta.add_argument("--scales", type=int_list(SCALES), default="2")
+    ta.add_argument("--bits", type=int_list(BITS), default="4,3,2")
     ta.add_argument("--methods", default=",".join(TABLE_METHODS), help=f"from {','.join(METHOD_LABELS)}")
-    ta.add_argument("--datasets", default="Set5,Set14")
+    ta.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ta.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     ta.add_argument("--limit", type=int, default=None, help="first N images of each set")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
@@ -191,11 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     re.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")
-    tr.add_argument("--scale", type=int, default=2)
+    tr.add_argument("--scale", type=int, default=2, choices=SCALES)
     tr.add_argument("--steps", type=int, default=10000, help="length of the LR schedule")
     tr.add_argument("--until", type=int, default=None, help="stop at this step (resume later)")
     tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--patch-schedule", default="1000000000:48",
+    tr.add_argument("--patch-schedule", type=patch_schedule, default="1000000000:48",
                     help="LR crop sizes as until_step:size,... e.g. 4000:32,1000000000:48")
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--warmup", type=int, default=200)
@@ -214,10 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; a user error prints one line on stderr and exits with code 2."""
+    """Entry point; a user error (bad option, missing or unreadable file, bad checkpoint, unknown name)
+    prints one line on stderr and exits with code 2."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"quantlab {args.command}: error: {err}", file=sys.stderr)
+    except (OSError, ValueError) as err:
+        print(f"quantlab {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)

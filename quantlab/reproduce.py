@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import papermill
@@ -60,7 +61,7 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("01_distributions", quick={}, full={},
              figures=("2dquant_fig4_distributions.png", "2dquant_fig4_distributions.pdf",
                       "2dquant_fig7-11_layer0_weights.png", "2dquant_fig7-11_layer0_activations.png")),
-    Notebook("02_bound_percentiles", quick=dict(preset="quick"), full=dict(preset="paper"),
+    Notebook("02_bound_percentiles", quick=dict(bits=2, preset="quick"), full=dict(preset="paper"),
              figures=("2dquant_fig5_bound_percentiles.png", "2dquant_fig5_bound_percentiles.pdf")),
     Notebook("07_activation_rank", quick={}, full={}, figures=("condiquant_fig2_activation_rank.png",)),
     Notebook("08_condition_numbers", quick={}, full={}, figures=("condiquant_fig5_condition_numbers.png",)),
@@ -112,21 +113,24 @@ def select(only: Iterable[str] | None = None) -> list[Notebook]:
 
 
 def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | Path = "results",
-              figures: str | Path = FIGURES_DIR, overrides: dict | None = None,
-              folder: str | Path | None = None, report: Callable[[str], None] = print) -> list[tuple[str, float, dict]]:
+              figures: str | Path = FIGURES_DIR, overrides: dict | None = None, folder: str | Path | None = None,
+              report: Callable[[str], None] = partial(print, flush=True)) -> list[tuple[str, float, dict]]:
     """Run the notebooks (quick or full parameters) in dependency order with papermill; executed
     copies go to ``<out>/notebooks``. ``overrides`` (e.g. ``{"model": path}``) replace parameters a
-    notebook has. ``report`` gets one line per notebook with its wall time (s). Stops at the first
-    failure with :class:`NotebookFailed`. Returns [(notebook, seconds, parameters)]."""
+    notebook has. ``report`` gets a line when each notebook starts and one with its wall time (s) when
+    it ends. Stops at the first failure with :class:`NotebookFailed`. Returns [(notebook, seconds,
+    parameters)]."""
     out, figures = Path(out).resolve(), Path(figures).resolve()
+    chosen = select(only)
     times = []
-    for notebook in select(only):
+    for index, notebook in enumerate(chosen, 1):
         path = notebook_path(notebook.name, folder)
         names = notebook_parameters(path)
         parameters = {"quick": quick, "out": str(out), "figures": str(figures)}
         parameters |= notebook.quick if quick else notebook.full
         parameters |= overrides or {}
         parameters = {k: v for k, v in parameters.items() if k in names}
+        report(f"{notebook.name:<24} running ({index}/{len(chosen)}) ...")
         start = time.monotonic()
         run_notebook(notebook.name, parameters, out / "notebooks", folder)
         times.append((notebook.name, time.monotonic() - start, parameters))

@@ -27,6 +27,9 @@ METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percenti
                  "condiquant": "CondiQuant"}
 REFERENCES = ("fp", "bicubic")  # unquantized rows (bits 32 in the papers' tables)
 FP_BITS = 32
+PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
+PAPER_ONLY_SUFFIX = " (paper only)"
+CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
@@ -86,13 +89,8 @@ class ResultsCache:
         path = self.quantized_path(mid, method, bits, cell_tag(method, preset, overrides))
         if path.is_file():
             return load_quantized(path, fp)
-        checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
-        qmodel = quantize_with(fp, method, bits=bits, preset=preset, checkpoint=checkpoint, progress=progress,
-                               train_folder=self.train_folder, **overrides)
-        save_quantized(qmodel, fp, path)
-        if checkpoint is not None:
-            checkpoint.unlink(missing_ok=True)
-        return qmodel
+        return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
+                                **overrides)
 
     def scores(self, source: str | Path, method: str, bits: int, dataset: str, preset: str = "quick",
                limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:
@@ -114,6 +112,19 @@ class ResultsCache:
         frame = frame.assign(model=mid, scale=scale, method=method, bits=bits, preset=tag)
         write_csv_atomic(frame, path)
         return frame
+
+
+def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
+                     **options) -> nn.Module:
+    """:func:`quantlab.pipeline.quantize_with` (``options`` passed on), saved to ``path``; DQC resumes
+    from ``<path>.dqc.pt``, which is removed once the quantized-model file is written."""
+    path = Path(path)
+    checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
+    qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
+    save_quantized(qmodel, fp_model, path)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return qmodel
 
 
 def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:
@@ -173,7 +184,7 @@ def with_paper(results: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.D
     """``results`` plus the paper's numbers for the same (scale, method, bits, dataset) and our
     difference: columns paper_psnr, paper_ssim, delta_psnr (ours - paper, dB), delta_ssim."""
     paper = paper_results() if paper is None else paper
-    paper = (paper.drop(columns="table").drop_duplicates(["scale", "method", "bits", "dataset"])
+    paper = (paper.drop(columns="table").drop_duplicates(CELL)
              .rename(columns={"method": "label", "psnr": "paper_psnr", "ssim": "paper_ssim"}))
     merged = results.assign(label=results["method"].map(METHOD_LABELS)).merge(
         paper, on=["scale", "label", "bits", "dataset"], how="left")
@@ -194,18 +205,58 @@ def method_gain(results: pd.DataFrame, method: str, baseline: str) -> pd.DataFra
     return gains.reset_index(drop=True)
 
 
-def paper_layout(results: pd.DataFrame, paper: bool = False) -> pd.DataFrame:
+def check_one_row_per_cell(results: pd.DataFrame) -> None:
+    """Refuse two rows for one (scale, method, bits, dataset) cell, e.g. two x2 models in one table."""
+    repeated = results[results.duplicated(CELL, keep=False)]
+    if repeated.empty:
+        return
+    row = repeated.iloc[0]
+    models = list(dict.fromkeys(repeated["model"])) if "model" in repeated else []
+    if len(models) > 1:
+        raise ValueError(f"results of {len(models)} models at x{row['scale']} ({', '.join(models)}) would be averaged "
+                         f"into one row; make one table per model, e.g. results[results.model == {models[0]!r}]")
+    raise ValueError(f"{len(repeated)} rows for the cell x{row['scale']} {row['method']} {row['bits']} bit "
+                     f"{row['dataset']}; keep one row per (scale, method, bits, dataset)")
+
+
+def paper_only_rows(results: pd.DataFrame, methods: Iterable[str] = PAPER_ONLY) -> pd.DataFrame:
+    """The published rows of ``methods`` (paper labels, default :data:`PAPER_ONLY`) at the quantized
+    (scale, bits, dataset) cells of ``results``: columns scale, method (``"<label> (paper only)"``),
+    bits, dataset, paper_psnr, paper_ssim, in the paper's order."""
+    methods = list(methods)
+    paper = paper_results().drop_duplicates(CELL)
+    unknown = sorted(set(methods) - set(paper["method"]))
+    if unknown:
+        raise ValueError(f"no published numbers for {unknown}; choose from {sorted(set(paper['method']))}")
+    cells = results.loc[results["bits"] != FP_BITS, ["scale", "bits", "dataset"]].drop_duplicates()
+    rows = paper[paper["method"].isin(methods)].merge(cells, on=["scale", "bits", "dataset"])
+    return pd.DataFrame({"scale": rows["scale"], "method": rows["method"] + PAPER_ONLY_SUFFIX, "bits": rows["bits"],
+                         "dataset": rows["dataset"], "paper_psnr": rows["psnr"], "paper_ssim": rows["ssim"]})
+
+
+def paper_layout(results: pd.DataFrame, paper: bool = False, paper_only: Iterable[str] = ()) -> pd.DataFrame:
     """The papers' Table 3 layout: rows (scale, method label, bits) with FP and Bicubic first and
     then each bit width (high to low) in the order of ``results``; columns (dataset, PSNR/SSIM).
-    With ``paper``, also (dataset, "paper PSNR") and (dataset, "delta PSNR") columns."""
+    With ``paper``, also (dataset, "paper PSNR") and (dataset, "delta PSNR") columns, and the rows of
+    the ``paper_only`` methods (:func:`paper_only_rows`, before 2DQuant as in CondiQuant Table 3)
+    holding only the paper's PSNR. Refuses two rows of one cell (:func:`check_one_row_per_cell`)."""
+    check_one_row_per_cell(results)
+    paper_only = list(paper_only)
+    if paper_only and not paper:
+        raise ValueError("paper-only rows hold only the paper's numbers: pass paper=True with paper_only")
     frame = with_paper(results) if paper else results
-    frame = frame.assign(Method=frame["method"].map(METHOD_LABELS),
-                         order=frame["method"].map({m: i for i, m in enumerate(dict.fromkeys(frame["method"]))}))
+    methods = list(dict.fromkeys(frame["method"]))
+    if paper_only:
+        extra = paper_only_rows(results, paper_only)
+        at = next((i for i, m in enumerate(methods) if m in ("2dquant", "condiquant")), len(methods))
+        methods[at:at] = list(dict.fromkeys(extra["method"]))
+        frame = pd.concat([frame, extra], ignore_index=True)
+    frame = frame.assign(Method=frame["method"].map(lambda m: METHOD_LABELS.get(m, m)),
+                         order=frame["method"].map({m: i for i, m in enumerate(methods)}))
     frame = frame.sort_values(["scale", "bits", "order"], ascending=[True, False, True], kind="stable")
     values = {"PSNR": "psnr", "SSIM": "ssim"} | ({"paper PSNR": "paper_psnr", "delta PSNR": "delta_psnr"}
                                                  if paper else {})
-    table = frame.pivot_table(index=["scale", "Method", "bits"], columns="dataset", values=list(values.values()),
-                              sort=False)
+    table = frame.pivot(index=["scale", "Method", "bits"], columns="dataset", values=list(values.values()))
     table = table.rename(columns={v: k for k, v in values.items()}).swaplevel(0, 1, axis=1)
     rows = list(dict.fromkeys(zip(frame["scale"], frame["Method"], frame["bits"])))
     datasets = list(dict.fromkeys(frame["dataset"]))
@@ -263,11 +314,12 @@ def to_latex(table: pd.DataFrame, caption: str = "") -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def save_table(results: pd.DataFrame, out: str | Path, name: str, caption: str = "",
-               paper: bool = True) -> dict[str, Path]:
-    """Write ``<out>/<name>.csv`` (tidy, with the paper's numbers), ``.md`` and ``.tex`` (paper layout)."""
+def save_table(results: pd.DataFrame, out: str | Path, name: str, caption: str = "", paper: bool = True,
+               paper_only: Iterable[str] = ()) -> dict[str, Path]:
+    """Write ``<out>/<name>.csv`` (tidy, ours with the paper's numbers), ``.md`` and ``.tex`` (paper
+    layout, with the ``paper_only`` rows)."""
     out = Path(out)
-    table = paper_layout(results, paper=paper)
+    table = paper_layout(results, paper=paper, paper_only=paper_only)
     paths = {"csv": out / f"{name}.csv", "md": out / f"{name}.md", "tex": out / f"{name}.tex"}
     write_csv_atomic(with_paper(results) if paper else results, paths["csv"])
     write_text_atomic(to_markdown(table, caption), paths["md"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 from torch import nn
@@ -22,11 +23,19 @@ def find_image(dataset: str, image: str, scale: int) -> ImagePair:
     raise ValueError(f"no image {image!r} in {dataset}; available: {[p.name for p in bench]}")
 
 
+class Comparison(NamedTuple):
+    """What :func:`crop_comparison` restored: ``crops`` {label: (uint8 crop, PSNR on Y in dB)}, HR
+    first; ``box`` (top, left, size) in HR pixels as used (snapped and clamped); ``hr`` the full HR image."""
+    crops: dict[str, tuple[np.ndarray, float]]
+    box: tuple[int, int, int]
+    hr: np.ndarray
+
+
 def crop_comparison(upscalers: Mapping[str, nn.Module | str], dataset: str, image: str, scale: int,
-                    top: int, left: int, size: int) -> dict[str, tuple[np.ndarray, float]]:
+                    top: int, left: int, size: int) -> Comparison:
     """Restore the HR box (``top``, ``left``, ``size`` in HR pixels, snapped to multiples of
-    ``scale``) with each upscaler (model or ``"bicubic"``) from its LR region plus
-    :data:`CONTEXT` pixels; returns {label: (uint8 crop (size, size, 3), PSNR on Y in dB)}, HR first."""
+    ``scale`` and moved inside the image) with each upscaler (model or ``"bicubic"``) from its LR
+    region plus :data:`CONTEXT` pixels."""
     pair = find_image(dataset, image, scale)
     hr_h, hr_w = pair.hr.shape[:2]
     size = size // scale * scale
@@ -43,4 +52,4 @@ def crop_comparison(upscalers: Mapping[str, nn.Module | str], dataset: str, imag
     for label, upscaler in upscalers.items():
         sr = upscale(upscaler, region, scale)[oy: oy + size, ox: ox + size]
         crops[label] = (sr, psnr(sr, hr_crop, scale))
-    return crops
+    return Comparison(crops, (top, left, size), pair.hr)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import io
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 import ipywidgets as w
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from PIL import Image
@@ -172,6 +174,21 @@ class QuantizerExplorer:
         if len(self._sr) > SR_CACHE:
             self._sr.popitem(last=False)
         return self._sr[key]
+
+    def bits_summary(self, name: str | None = None,
+                     bits: Iterable[int] = range(MIN_BITS, MAX_BITS + 1)) -> pd.DataFrame:
+        """Tensor ``name`` (default :attr:`default_tensor`) at each bit width with MinMax and DOBI
+        bounds: one row per (bits, bounds) with lower, upper, mse, clipped_fraction and psnr (dB, the
+        SR crop with only this quantizer on)."""
+        name = name or self.default_tensor
+        rows = []
+        for b in bits:
+            for method, (lower, upper) in (("minmax", self.minmax_bounds(name)), ("dobi", self.dobi_bounds(name, b))):
+                stats = self.tensor_stats(name, b, lower, upper)
+                rows.append({"bits": b, "bounds": method, "lower": lower, "upper": upper, "mse": stats["mse"],
+                             "clipped_fraction": stats["clipped_fraction"],
+                             "psnr": self.sr_psnr(name, b, lower, upper)[1]})
+        return pd.DataFrame(rows)
 
     def histogram(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(counts, edges) of the cached sample over [min, max], computed once per tensor."""

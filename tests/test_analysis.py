@@ -143,3 +143,42 @@ def test_every_quantizer_is_collected_whole(fp_model, patches):
     whole = samples["layers.0.blocks.0.mlp.fc1.weight"]  # per-channel quantizer: the whole matrix
     assert (whole.min, whole.max, whole.numel) == (weight.min().item(), weight.max().item(), weight.numel())
     assert whole.values.numel() == weight.numel()
+
+
+def test_setup_loads_the_model_and_seeded_patches(tiny_checkpoint, train_folder):
+    fp, scale, patches, tag = analysis.setup(tiny_checkpoint, quick=True, bits=3, seed=1, train=train_folder)
+    assert scale == 2 and tag == "x2_w3a3" and patches.shape == (4, 3, 32, 32) and not fp.training
+    again = analysis.setup(str(tiny_checkpoint), quick=True, bits=3, seed=1, train=train_folder)
+    assert torch.equal(again.patches, patches)
+    assert torch.get_num_threads() == 1  # threads=None leaves torch's setting alone
+    try:
+        full = analysis.setup(fp, quick=False, train=train_folder, threads=2, full_patches=2)
+        assert torch.get_num_threads() == 2 and full.model is fp and full.patches.shape == (2, 3, 64, 64)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_sweep_settings_and_score(fp_model, patches, monkeypatch, tmp_path):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    quick, full = analysis.sweep_settings(quick=True), analysis.sweep_settings(quick=False)
+    assert len(quick) == 3 and len(full) == 4 * 3 + 2 * 3
+    assert {s["prox"] for s in full} == {"variance", "band", "clip_top"}
+    assert analysis.sweep_score(4, patches, quick=True) is None  # quick: no PSNR column unless images are given
+    score = analysis.sweep_score(4, patches, method="minmax", images=1, quick=True)
+    assert score(fp_model) == pytest.approx(analysis.quantized_psnr(fp_model, 4, patches, method="minmax", limit=1))
+    sweep = analysis.condition_sweep(fp_model, patches, quick[:1], score=score)
+    assert {"psnr", "ssim", "mean_kappa_after"} <= set(sweep.columns)
+
+
+def test_crop_comparison_returns_the_box_it_used(monkeypatch, tmp_path):
+    from quantlab import visual
+
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    comparison = visual.crop_comparison({"Bicubic": "bicubic"}, "Set5", "baby", 2, top=5, left=10_000, size=49)
+    height, width = comparison.hr.shape[:2]
+    assert comparison.box == (4, width - 48, 48)  # snapped to multiples of the scale, moved inside the image
+    top, left, size = comparison.box
+    assert (comparison.crops["HR"][0] == comparison.hr[top:top + size, left:left + size]).all()
+    assert comparison.crops["Bicubic"][0].shape == (48, 48, 3) and list(comparison.crops) == ["HR", "Bicubic"]
+    figure = plots.plot_crops(comparison.crops, comparison.hr, comparison.box)
+    assert figure.axes[0].patches[0].get_xy() == (left, top)

@@ -1,11 +1,14 @@
-"""The ``quantlab`` command: JSON output, tables, and one-line user errors with exit code 2."""
+"""The ``quantlab`` command: JSON output, tables, quantized-model files, and one-line user errors with exit code 2."""
 import json
 import subprocess
 import sys
 
 import pytest
 
+from quantlab import cli, results
+from quantlab.checkpoints import load_model
 from quantlab.cli import main
+from quantlab.pipeline import load_quantized, quantize_with
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -27,14 +30,84 @@ def test_eval_table_and_csv(tmp_path, capsys):
     assert (tmp_path / "summary.csv").read_text().count("\n") == 3
 
 
+@pytest.fixture
+def bad_checkpoint(tmp_path):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"not a checkpoint")
+    return path
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "missing.pth"], "no weights file"),
     (["--model", "default-x7"], "no weights file"),
-    (["--model", "bicubic", "--scale", "5"], "--scale must be 2, 3 or 4"),
-    (["--model", "bicubic", "--datasets", "Set6"], "Set6"),
+    (["--model", "{bad}"], "not a readable torch checkpoint"),
+    (["--model", "bicubic", "--scale", "5"], "--scale/--scales: must be 2, 3 or 4"),
+    (["--model", "bicubic", "--scale", "x2"], "--scale/--scales: must be 2, 3 or 4, as a comma list such as 2,4"),
+    (["--model", "bicubic", "--datasets", "Set5,Set6"], "--datasets: benchmark 'Set6' not found"),
 ])
-def test_user_errors_exit_2_with_one_line(args, message):
-    result = run("eval", *args)
+def test_user_errors_exit_2_with_one_line(args, message, bad_checkpoint):
+    result = run("eval", *[str(bad_checkpoint) if a == "{bad}" else a for a in args])
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_dataset_fails_before_any_computation_naming_the_known_sets(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", "default", "--datasets", "Set5,Set6"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'Set6'" in error and "Set14" in error and "Urban100" in error
+
+
+def test_each_checkpoint_is_loaded_once(tiny_checkpoint, monkeypatch, capsys):
+    loads = []
+    monkeypatch.setattr(cli, "load_model", lambda source, **k: loads.append(source) or load_model(source, **k))
+    main(["eval", "--model", f"bicubic,{tiny_checkpoint}", "--scale", "2", "--datasets", "Set5", "--limit", "1"])
+    assert loads == [str(tiny_checkpoint)]
+    assert "tiny_x2" in capsys.readouterr().out
+
+
+def test_quantize_writes_the_file_and_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    main(["quantize", "--model", str(tiny_checkpoint), "--method", "dqc", "--bits", "4", "--data", str(train_folder),
+          "--out", str(out)])
+    assert "written" in capsys.readouterr().out
+    assert out.is_file() and not out.with_suffix(".dqc.pt").exists()
+    assert load_quantized(out, load_model(tiny_checkpoint)).quant_info["method"] == "dqc"
+
+
+@pytest.mark.parametrize("teacher, expected", [(None, "original"), ("fp", "original"), ("conditioned", "conditioned")])
+def test_quantize_passes_the_condiquant_teacher(teacher, expected, tiny_checkpoint, train_folder, tmp_path,
+                                               monkeypatch):
+    calls = []
+
+    def cheap(fp_model, method, **options):  # records the options, calibrates MinMax on the training images
+        calls.append((method, options))
+        return quantize_with(fp_model, "minmax", bits=options["bits"], train_folder=options["train_folder"])
+
+    monkeypatch.setattr(results, "quantize_with", cheap)
+    args = ["quantize", "--model", str(tiny_checkpoint), "--method", "condiquant", "--data", str(train_folder),
+            "--out", str(tmp_path / "q.pt")]
+    main(args + (["--teacher", teacher] if teacher else []))
+    [(method, options)] = calls
+    assert method == "condiquant" and options["teacher"] == expected
+    assert options["checkpoint"] == tmp_path / "q.dqc.pt"
+
+
+def test_teacher_is_refused_for_other_methods(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", "--method", "dobi", "--teacher", "conditioned", "--out", "q.pt"])
+    assert exit_.value.code == 2 and "--teacher applies to --method condiquant only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quantize", "--method", "dobi", "--bits", "9", "--out", "q.pt"], "argument --bits: invalid choice: 9"),
+    (["table", "--bits", "4,x"], "argument --bits: must be 2, 3, 4, 5, 6, 7 or 8"),
+    (["train", "--out", "x", "--patch-schedule", "4000-32"], "argument --patch-schedule: must be until_step:size"),
+])
+def test_usage_errors_are_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in error and len(error.strip().splitlines()) == 1

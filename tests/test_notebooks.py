@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from quantlab.reproduce import NOTEBOOKS, NotebookFailed, notebook_parameters, notebook_path, reproduce, select
+from quantlab.results import FP_BITS, REFERENCES
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,9 @@ def test_notebook_runs_in_quick_mode_and_writes_figures(name, run_dirs, monkeypa
     lines = []
     [(_, _, parameters)] = reproduce(quick=True, only=[name], out=out, figures=figures, overrides=overrides,
                                      report=lines.append)
-    assert (out / "notebooks" / f"{name}.ipynb").is_file() and lines[0].startswith(name)
+    assert (out / "notebooks" / f"{name}.ipynb").is_file()
+    assert len(lines) == 2 and lines[0].startswith(name) and "running (1/1)" in lines[0]
+    assert lines[1].startswith(name) and lines[1].endswith(" s")
     notebook = select([name])[0]
     assert notebook.figures
     for template in notebook.figures:
@@ -45,15 +48,30 @@ def test_notebook_runs_in_quick_mode_and_writes_figures(name, run_dirs, monkeypa
         assert path.is_file() and path.stat().st_size > 1000, path
 
 
-def test_table_csv_has_one_row_per_requested_cell(run_dirs):
-    out, _, overrides = run_dirs
-    table = pd.read_csv(out / "2dquant_table3.csv")
-    quick = select(["table_2dquant"])[0].quick
-    methods = quick["methods"]
-    quantized = [m for m in methods if m not in ("fp", "bicubic")]
-    assert len(table) == (len(methods) - len(quantized) + len(quantized) * len(quick["bits"])) * len(
-        overrides["datasets"])
-    assert set(table["method"]) == set(methods)
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory, tiny_checkpoint, train_folder):
+    """The 2DQuant table notebook on the tiny model: both references, an untuned and a tuned method
+    (quick DQC) at 2 bit widths on 2 sets, first image of each; returns its CSV and the requested grid."""
+    root = tmp_path_factory.mktemp("table")
+    requested = dict(scales=[2], bits=[4, 2], datasets=["Set5", "Set14"],
+                     methods=["fp", "bicubic", "minmax", "2dquant"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUANTLAB_CACHE", str(root / "imgcache"))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        reproduce(quick=True, only=["table_2dquant"], out=root / "results", figures=root / "figures",
+                  overrides=dict(model=str(tiny_checkpoint), train=str(train_folder), limit=1, **requested),
+                  report=lambda _: None)
+    return pd.read_csv(root / "results" / "2dquant_table3.csv"), requested
+
+
+def test_table_csv_has_one_row_per_requested_cell(table_run):
+    table, requested = table_run
+    keys = ["method", "bits", "scale", "dataset"]
+    expected = {(m, FP_BITS if m in REFERENCES else b, s, d) for m in requested["methods"]
+                for b in requested["bits"] for s in requested["scales"] for d in requested["datasets"]}
+    assert (table.groupby(keys).size() == 1).all()
+    assert set(table[keys].itertuples(index=False, name=None)) == expected
+    assert (table["images"] == 1).all() and table["psnr"].notna().all()
 
 
 def test_failing_notebook_is_named(tmp_path):

@@ -89,3 +89,45 @@ def test_table_cli(tiny_checkpoint, tmp_path, monkeypatch, capsys):
           "--limit", "1", "--out", str(tmp_path), "--name", "t"])
     out = capsys.readouterr().out
     assert "| x2 | MinMax | 4 |" in out and (tmp_path / "t.tex").is_file()
+
+
+def test_paper_layout_refuses_two_models_of_one_scale():
+    official = RESULTS.assign(model="official-x2-1234", psnr=RESULTS["psnr"] + 1)
+    with pytest.raises(ValueError, match=r"2 models at x2 \(m-0, official-x2-1234\).*one table per model"):
+        paper_layout(pd.concat([RESULTS, official]))
+    with pytest.raises(ValueError, match="2 rows for the cell x2 dobi 4 bit Set5"):
+        paper_layout(pd.concat([RESULTS, RESULTS.iloc[[3]]]))
+    assert paper_layout(pd.concat([RESULTS, official.assign(scale=4)])).shape[0] == 2 * len(RESULTS)
+
+
+def test_paper_only_rows_sit_in_the_layout_before_2dquant():
+    grid = tidy([("fp", 32, "Set5", 36.0, 0.95), ("dbdc_pac", 2, "Set5", 33.0, 0.90),
+                 ("2dquant", 2, "Set5", 34.0, 0.92), ("condiquant", 2, "Set5", 35.0, 0.93)])
+    table = paper_layout(grid, paper=True, paper_only=results.PAPER_ONLY)
+    assert [m for _, m, _ in table.index] == ["FP", "DBDC+Pac", "PTQ4ViT (paper only)", "RepQ-ViT (paper only)",
+                                              "NoisyQuant (paper only)", "2DQuant", "CondiQuant"]
+    ptq4vit = table.loc[(2, "PTQ4ViT (paper only)", 2), "Set5"]
+    assert ptq4vit["paper PSNR"] == 33.25 and ptq4vit[["PSNR", "SSIM", "delta PSNR"]].isna().all()
+    assert "| x2 | PTQ4ViT (paper only) | 2 |  |  | 33.25 |  |" in results.to_markdown(table)
+    assert best_per_column(table)[("Set5", "PSNR")].tolist() == [False, False, False, False, False, False, True]
+    assert len(results.paper_only_rows(tidy([("fp", 32, "Set5", 36.0, 0.95)]))) == 0  # no quantized cell
+    with pytest.raises(ValueError, match="paper=True"):
+        paper_layout(grid, paper_only=["PTQ4ViT"])
+    with pytest.raises(ValueError, match="no published numbers for \\['PTQ4VIT'\\]"):
+        paper_layout(grid, paper=True, paper_only=["PTQ4VIT"])
+
+
+def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
+    from quantlab.checkpoints import load_model
+    from quantlab.pipeline import load_quantized
+
+    fp = load_model(tiny_checkpoint)
+    path = tmp_path / "q.pt"
+    checkpoint_when_saved = []
+    save = results.save_quantized
+    monkeypatch.setattr(results, "save_quantized", lambda *a: checkpoint_when_saved.append(
+        path.with_suffix(".dqc.pt").is_file()) or save(*a))
+    qmodel = results.quantize_to_file(fp, "dqc", 4, path, train_folder=train_folder, progress=False, iterations=2)
+    assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
+    assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
+    assert load_quantized(path, fp).quant_info == qmodel.quant_info

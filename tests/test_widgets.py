@@ -137,3 +137,16 @@ def test_notebook_runs_headless_with_the_tiny_model(tiny_checkpoint, tmp_path):
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     pngs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert pngs == ["explorer_dobi_2bit.png", "explorer_minmax_2bit.png"]
+
+
+def test_bits_summary_scores_minmax_and_dobi_at_each_bit_width(logic):
+    summary = logic.bits_summary(bits=[2, 4])
+    assert list(zip(summary["bits"], summary["bounds"])) == [(2, "minmax"), (2, "dobi"), (4, "minmax"), (4, "dobi")]
+    name = logic.default_tensor
+    for row in summary.itertuples():
+        assert (row.lower, row.upper) == pytest.approx(
+            logic.minmax_bounds(name) if row.bounds == "minmax" else logic.dobi_bounds(name, row.bits))
+        assert row.mse == pytest.approx(logic.tensor_stats(name, row.bits, row.lower, row.upper)["mse"])
+        assert row.psnr == logic.sr_psnr(name, row.bits, row.lower, row.upper)[1]
+    minmax = summary[summary["bounds"] == "minmax"]
+    assert (minmax["clipped_fraction"] == 0).all() and minmax["mse"].is_monotonic_decreasing
