@@ -42,13 +42,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"no weights file at {path}. Pass the path of a SwinIR-light checkpoint "
             f"(e.g. 002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth) or one of {sorted(EMBEDDED_MODELS)}."
         )
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint ({err})") from err
+    is_safetensors = path.suffix == ".safetensors"
+    try:
+        state = load_file(str(path)) if is_safetensors else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        kind = "safetensors file" if is_safetensors else "torch checkpoint"
+        raise CheckpointError(f"{path} is not a readable {kind} ({err})") from err
     for wrapper in ("params_ema", "params", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

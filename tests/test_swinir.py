@@ -185,6 +185,9 @@ def test_missing_file_and_non_tensor_pickle_fail_clearly(tmp_path):
     (tmp_path / "evil.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_model(tmp_path / "evil.pth")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(tmp_path / "broken.safetensors")
 
 
 def test_quantizable_submodules_are_named():
