@@ -209,6 +209,10 @@ def test_dobi_first_candidate_is_minmax_and_grid_shrinks_around_midrange():
 def test_percentile_bounds():
     x = torch.arange(1000.0)
     assert [v.item() for v in percentile_bounds(x, 1.0)] == [9.0, 990.0]
+    y = torch.randn(3, 517)  # order statistics of a shuffled, multi-dimensional tensor
+    ordered = y.flatten().sort().values
+    k = round(0.001 * 2.0 * y.numel())
+    assert [v.item() for v in percentile_bounds(y, 0.2)] == [ordered[k - 1].item(), ordered[-k].item()]
     with pytest.raises(ValueError, match="percentile"):
         percentile_bounds(x, 60)
 
