@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from skimage.metrics import structural_similarity
 
 from quantlab.data import Benchmark, read_image
 from quantlab.imresize import bicubic_downsample, contributions, imresize, modcrop
@@ -45,13 +46,13 @@ def test_psnr_matches_the_definition():
     assert luma(np.full((1, 1, 3), 255, np.uint8))[0, 0] == pytest.approx(235.0)
 
 
-def test_ssim_matches_scikit_image():
-    skimage_metrics = pytest.importorskip("skimage.metrics")
-    pair = Benchmark("Set5", 2)[0]
+@pytest.mark.parametrize("dataset, index", [("Set5", 0), ("Set14", 3)])
+def test_ssim_matches_scikit_image(dataset, index):
+    pair = Benchmark(dataset, 2)[index]
     rng = np.random.default_rng(1)
     sr = np.clip(pair.hr.astype(int) + rng.integers(-12, 13, pair.hr.shape), 0, 255).astype(np.uint8)
     y_sr, y_hr = luma(sr)[2:-2, 2:-2], luma(pair.hr)[2:-2, 2:-2]
-    reference = skimage_metrics.structural_similarity(
+    reference = structural_similarity(
         y_sr, y_hr, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert ssim(sr, pair.hr, 2) == pytest.approx(reference, abs=1e-6)
     assert ssim(pair.hr, pair.hr, 2) == pytest.approx(1.0)
