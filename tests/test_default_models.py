@@ -22,8 +22,8 @@ def psnr_of_shipped():
     return {name: mean_psnr(load_model(name), int(name[-1])) for name in SHIPPED}
 
 
-def test_the_x2_model_is_shipped():
-    assert "default-x2" in SHIPPED
+def test_every_scale_is_shipped():
+    assert SHIPPED == ["default-x2", "default-x3", "default-x4"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
