@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from quantlab import calibrate, quant
-from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, percentile_bounds,
-                                quantization_error)
+from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, kth_smallest,
+                                percentile_bounds, quantization_error)
 from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -215,6 +215,12 @@ def test_percentile_bounds():
     assert [v.item() for v in percentile_bounds(y, 0.2)] == [ordered[k - 1].item(), ordered[-k].item()]
     with pytest.raises(ValueError, match="percentile"):
         percentile_bounds(x, 60)
+
+
+@pytest.mark.parametrize("k", [1, 7, 2000, 2**21 - 3])
+def test_kth_smallest_is_exact_on_large_tensors(k):
+    x = torch.randn(2**21) ** 3  # heavy tails: the sampled threshold must still bracket the k-th element
+    assert kth_smallest(x, k) == x.sort().values[k - 1]
 
 
 @pytest.fixture(scope="module")
