@@ -7,6 +7,7 @@ SwinIR-light fails with an error naming the offending keys and shapes.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -143,3 +144,12 @@ def save_model(model: SwinIR, path: str | Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(to_official_keys(state), str(tmp), metadata={"scale": str(model.scale)})
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the FP model's parameters (names, shapes and float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -18,7 +18,6 @@ Presets (CPU budget measured on the 2-core machine is in the README):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoints import weights_fingerprint
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
@@ -148,15 +148,6 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     for _, quantizer in quantizers(qmodel):
         params += [quantizer.lower, quantizer.upper]
     return params
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the FP model's parameters (names, shapes and float32 bytes)."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str) -> dict:

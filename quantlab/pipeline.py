@@ -17,7 +17,8 @@ from . import calibrate
 from .condition import condition_model
 from .data import calibration_patches
 from .dbdc import dbdc_pac
-from .distill import dqc, get_preset, weights_fingerprint
+from .checkpoints import weights_fingerprint
+from .distill import dqc, get_preset
 from .files import atomic_path
 from .quant import QuantConfig, quantize, quantizers
 
