@@ -42,7 +42,7 @@ def test_dqc_trains_only_bounds_and_lowers_the_output_error(fp_model, tmp_path, 
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     base = calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches)
     weights = {k: v.clone() for k, v in base.state_dict().items() if not k.endswith((".lower", ".upper"))}
-    settings = dict(iterations=40, batch_size=4, patch_size=16, checkpoint_every=10, progress=False)
+    settings = dict(iterations=80, batch_size=4, patch_size=16, checkpoint_every=10, progress=False)
     trained = dqc(quantize_copy(base), fp_model, "quick", **settings)
     from quantlab.data import calibration_patches
     held_out = calibration_patches(n=8, size=16, scale=2, seed=5)

@@ -124,6 +124,22 @@ def test_matches_oracle_on_official_checkpoint(official_checkpoint, size):
     assert (out64 - expected).abs().max() <= 1e-9
 
 
+def test_hooked_matmuls_take_the_explicit_path_and_agree(official_checkpoint):
+    """A hook on the attention matmuls disables the fused kernel; both paths match the oracle."""
+    path, state, config = official_checkpoint
+    model = load_model(path)
+    calls = []
+    for layer in model.layers:
+        for block in layer.blocks:
+            block.attn.matmul_av.register_forward_hook(lambda module, args, out: calls.append(args[0].shape))
+    x = torch.rand(2, 3, 13, 21, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(x)
+    assert len(calls) == sum(config.depths)
+    assert calls[0] == (2 * 2 * 3, config.num_heads[0], 64, 64)  # (B * nW, heads, N, N) softmax maps
+    assert (out.double() - oracle_forward(state, x, config)).abs().max() <= 1e-5
+
+
 def test_oracle_detects_a_wrong_shift(official_checkpoint):
     """The oracle test can fail: a model whose shifted blocks do not shift disagrees."""
     path, state, config = official_checkpoint
