@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_path
+from .runtime import pick_device
 from .swinir import SwinIR, SwinIRConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -26,13 +27,6 @@ RECOMPUTED_BUFFERS = ("attn_mask", "relative_position_index")
 
 class CheckpointError(ValueError):
     """A weights file that cannot be loaded as SwinIR-light."""
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

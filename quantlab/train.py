@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import load_model, pick_device, save_model
+from .checkpoints import load_model, save_model
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
+from .runtime import pick_device
 from .swinir import SwinIR, SwinIRConfig
 
 
