@@ -90,9 +90,10 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None.
 
-        softmax(Q·K^T / sqrt(d) + bias + mask)·V. With both matmuls plain and unhooked it runs as one
-        fused ``scaled_dot_product_attention`` (no (B*nW, heads, N, N) map in memory; ~4x faster on
-        CPU); a quantized or hooked matmul gets the explicit two-matmul path, as in the official code.
+        softmax(Q·K^T / sqrt(d) + bias + mask)·V. For inference (grad disabled) with both matmuls plain
+        and unhooked it runs as one fused ``scaled_dot_product_attention`` (no (B*nW, heads, N, N) map
+        in memory; ~4x faster attention on CPU). Training (its fused backward is ~10% slower here) and
+        quantized or hooked matmuls take the explicit two-matmul path, as in the official code.
         """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -100,7 +101,7 @@ class WindowAttention(nn.Module):
         bias = bias.permute(2, 0, 1)[None]  # (1, heads, N, N): 4-D, which the fused CPU kernel needs
         if mask is not None:
             bias = (mask[:, None] + bias).expand(bw // mask.shape[0], -1, -1, -1, -1).reshape(bw, -1, n, n)
-        if is_plain(self.matmul_qk) and is_plain(self.matmul_av):
+        if not torch.is_grad_enabled() and is_plain(self.matmul_qk) and is_plain(self.matmul_av):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         else:
             attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1)) + bias
