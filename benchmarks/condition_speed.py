@@ -1,8 +1,8 @@
-"""Time CondiQuant conditioning (quantlab.condition) of SwinIR-light x2 on 100 calibration patches.
+"""Time CondiQuant conditioning (quantlab.condition) of SwinIR-light x2 on the pipeline's calibration patches.
 
 Prints the seconds of the statistics (calibration forward pass) and of the per-layer optimisation,
 the paper's budget (19 s, on a GPU) and the ratio, the mean condition number of the processed weights
-before/after and the largest relative output error. Usage: python benchmarks/condition_speed.py
+before/after and the largest relative output error. Usage: python benchmarks/condition_speed.py [--patches 100] [--size 32]
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import quantlab
 from quantlab.checkpoints import CheckpointError
 from quantlab.condition import ConditionConfig, condition_model
 from quantlab.data import calibration_patches
+from quantlab.pipeline import CONDITIONING_PATCH_SIZE, CONDITIONING_PATCHES
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 TARGET_SECONDS = 19.0
@@ -23,7 +24,8 @@ TARGET_SECONDS = 19.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patches", type=int, default=100)
+    parser.add_argument("--patches", type=int, default=CONDITIONING_PATCHES)
+    parser.add_argument("--size", type=int, default=CONDITIONING_PATCH_SIZE, help="LR patch side")
     parser.add_argument("--batch-size", type=int, default=ConditionConfig.batch_size)
     args = parser.parse_args()
 
@@ -38,7 +40,7 @@ def main() -> None:
           f"load average before: {os.getloadavg()[0]:.2f}")
 
     start = time.perf_counter()
-    patches = calibration_patches(n=args.patches, size=64, scale=2)
+    patches = calibration_patches(n=args.patches, size=args.size, scale=2)
     print(f"calibration patches: {tuple(patches.shape)} (loaded in {time.perf_counter() - start:.1f} s, not timed below)")
 
     start = time.perf_counter()
