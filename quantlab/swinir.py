@@ -98,13 +98,17 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        bias = bias.permute(2, 0, 1)[None]  # (1, heads, N, N): 4-D, which the fused CPU kernel needs
+        bias = bias.permute(2, 0, 1)[None]  # (1, heads, N, N)
         if mask is not None:
-            bias = (mask[:, None] + bias).expand(bw // mask.shape[0], -1, -1, -1, -1).reshape(bw, -1, n, n)
+            bias = mask[:, None] + bias  # (nW, heads, N, N)
+        windows = bias.shape[0]
         if not torch.is_grad_enabled() and is_plain(self.matmul_qk) and is_plain(self.matmul_av):
+            if windows > 1:  # the fused CPU kernel needs a 4-D mask of the batch's own size
+                bias = bias.expand(bw // windows, -1, -1, -1, -1).reshape(bw, -1, n, n)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         else:
-            attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1)) + bias
+            attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+            attn = (attn.view(-1, windows, *attn.shape[1:]) + bias).view(attn.shape)
             out = self.matmul_av(attn.softmax(dim=-1), v)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
