@@ -20,6 +20,7 @@ DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQu
 DOBI_HISTOGRAM_BINS = 2**12  # model-level DOBI scores candidates on a histogram of this many bins
 DOBI_SAMPLE = 2**18  # ... of this many randomly drawn elements of each tensor (min and max stay exact)
 DOBI_MODES = ("paper", "release")
+DEFAULT_DOBI_MODE = "paper"  # the mode of the "dobi" method
 
 
 def _check_finite(bounds: torch.Tensor, name: str) -> None:
@@ -184,7 +185,7 @@ def is_one_sided(quantizer: FakeQuantizer, mode: str) -> bool:
     return mode == "paper" and quantizer.kind in ONE_SIDED_KINDS
 
 
-def dobi(qmodel: nn.Module, patches: torch.Tensor, mode: str = "paper", num_points: int = 100,
+def dobi(qmodel: nn.Module, patches: torch.Tensor, mode: str = DEFAULT_DOBI_MODE, num_points: int = 100,
          bins: int | None = DOBI_HISTOGRAM_BINS, sample: int | None = DOBI_SAMPLE) -> nn.Module:
     """DOBI (2DQuant stage 1) on every quantizer; ``bins=None, sample=None`` scores every candidate
     on every element exactly (about 30x slower on SwinIR-light)."""

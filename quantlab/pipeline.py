@@ -6,6 +6,7 @@ different FP model is refused) and, for CondiQuant, the conditioned linear weigh
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +26,7 @@ from .quant import QuantConfig, quantize, quantizers
 METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "dqc", "2dquant", "condiquant")
 DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
 TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
+STAGE1 = {"dqc": "minmax", "2dquant": "dobi"}  # the calibration DQC starts from (2dquant: in the preset's DOBI mode)
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
 CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
 FORMAT = "quantlab-quantized-v1"
@@ -34,14 +36,16 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
                   patches: torch.Tensor | None = None, config: QuantConfig | None = None,
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
                   progress: bool = True, teacher: str = "original", conditioning_patches: int = CONDITIONING_PATCHES,
-                  **dqc_overrides) -> nn.Module:
+                  stage1: nn.Module | None = None, **dqc_overrides) -> nn.Module:
     """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
     batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``dbdc_pac`` = DBDC
     on the patches, then Pac with ``preset`` (quick or paper). ``dqc`` = MinMax, then DQC (the
     "DQC only" ablation of 2DQuant Table 4c). ``2dquant`` = DOBI
     (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
     weights on ``conditioning_patches`` LR patches 3x32x32, then 2DQuant of the conditioned model;
-    the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one."""
+    the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one.
+    ``stage1``: for ``dqc`` / ``2dquant``, an already calibrated quantized model of ``fp_model`` (MinMax /
+    DOBI in the preset's mode, same config) to start DQC from instead of calibrating again (it is copied)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     config = config or QuantConfig(bits=bits)
@@ -55,18 +59,24 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
                                            folder=train_folder)
         student_fp, _ = condition_model(fp_model, gram_patches, progress=progress)
         teacher_fp = student_fp if teacher == "conditioned" else fp_model
-    qmodel = quantize(student_fp, config)
-    if method in DISTILLED:
+    if stage1 is not None and (method not in STAGE1 or getattr(stage1, "quant_config", None) != config):
+        raise ValueError(f"stage1 must be a calibrated model with {config} and is only for {tuple(STAGE1)}, "
+                         f"got method {method!r}")
+    if stage1 is not None:
+        qmodel = copy.deepcopy(stage1)
+    else:
+        qmodel = quantize(student_fp, config)
         if method == "dqc":
             calibrate.minmax(qmodel, patches)
-        else:
+        elif method in DISTILLED:
             calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
+        elif method == "dbdc_pac":
+            dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
+        else:
+            calibrate.METHODS[method](qmodel, patches)
+    if method in DISTILLED:
         dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
             method=method, **dqc_overrides)
-    elif method == "dbdc_pac":
-        dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
-    else:
-        calibrate.METHODS[method](qmodel, patches)
     qmodel.quant_info = {"method": method, "preset": preset if method in TUNED else None}
     return qmodel
 

@@ -16,10 +16,12 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import calibrate
 from .checkpoints import load_model
+from .distill import get_preset
 from .evaluation import evaluate, per_image
 from .files import atomic_path
-from .pipeline import DISTILLED, TUNED, load_quantized, quantize_with, save_quantized, weights_fingerprint
+from .pipeline import DISTILLED, STAGE1, TUNED, load_quantized, quantize_with, save_quantized, weights_fingerprint
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
 METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
@@ -84,13 +86,17 @@ class ResultsCache:
                   **overrides) -> nn.Module:
         """The calibrated model of ``method`` at ``bits`` (W and A): loaded when cached, else
         calibrated with :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from
-        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``) are part of the file name."""
+        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``) are part of the file name. ``dqc`` and
+        ``2dquant`` (DOBI in the default mode) start from the cached MinMax / DOBI model, made first if missing."""
         fp, mid = self.fp_model(source)
         path = self.quantized_path(mid, method, bits, cell_tag(method, preset, overrides))
         if path.is_file():
             return load_quantized(path, fp)
+        stage1 = None
+        if method == "dqc" or (method == "2dquant" and get_preset(preset).dobi_mode == calibrate.DEFAULT_DOBI_MODE):
+            stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress)  # cached once, shared
         return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
-                                **overrides)
+                                stage1=stage1, **overrides)
 
     def scores(self, source: str | Path, method: str, bits: int, dataset: str, preset: str = "quick",
                limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:

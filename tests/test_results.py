@@ -1,6 +1,7 @@
 """Results cache, paper-layout tables and the `quantlab table` command."""
 import pandas as pd
 import pytest
+import torch
 
 from quantlab import results
 from quantlab.cli import main
@@ -131,3 +132,28 @@ def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_fold
     assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
     assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
     assert load_quantized(path, fp).quant_info == qmodel.quant_info
+
+
+def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
+    """2dquant reuses the cached DOBI model (and dqc the MinMax one) instead of calibrating again,
+    with the same bounds as a run from scratch."""
+    from quantlab import pipeline
+    from quantlab.checkpoints import load_model
+    from quantlab.quant import quantizers
+
+    cache = ResultsCache(tmp_path, train_folder)
+    options = dict(progress=False, iterations=2, batch_size=2, patch_size=16)
+    cache.quantized(tiny_checkpoint, "dobi", 4, progress=False)
+    calibrations = []
+    dobi = pipeline.calibrate.dobi
+    monkeypatch.setattr(pipeline.calibrate, "dobi", lambda *a, **k: calibrations.append(1) or dobi(*a, **k))
+    reused = cache.quantized(tiny_checkpoint, "2dquant", 4, **options)
+    assert calibrations == []  # DOBI came from the cache
+    scratch = pipeline.quantize_with(load_model(tiny_checkpoint), "2dquant", 4, train_folder=train_folder, **options)
+    assert calibrations == [1]
+    for (name, a), (_, b) in zip(quantizers(reused), quantizers(scratch), strict=True):
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
+    cache.quantized(tiny_checkpoint, "dqc", 4, **options)
+    assert cache.quantized_path(cache.fp_model(tiny_checkpoint)[1], "minmax", 4, "-").is_file()
+    with pytest.raises(ValueError, match="stage1"):
+        pipeline.quantize_with(load_model(tiny_checkpoint), "dobi", 4, stage1=reused, train_folder=train_folder)
