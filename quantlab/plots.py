@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -84,13 +84,18 @@ def distribution_grid(samples: Mapping[str, TensorSample], table: pd.DataFrame |
     return fig
 
 
-def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None = None) -> dict[str, Figure]:
+def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None = None,
+                 layers: Iterable[int] | None = None) -> dict[str, Figure]:
     """2DQuant Figs. 7-11: one page per (RSTB, weights | activations), one row per Swin block, one
-    histogram per quantizer. Keys: ``layer<i>_weights`` / ``layer<i>_activations``."""
+    histogram per quantizer; ``layers``: the RSTBs to draw (default all; a page takes seconds to write).
+    Keys: ``layer<i>_weights`` / ``layer<i>_activations``."""
     shapes = _shapes(table)
+    layers = None if layers is None else set(layers)
     pages: dict[str, dict[int, list[str]]] = {}
     for name, sample in samples.items():
         where = location(name)
+        if layers is not None and where["layer"] not in layers:
+            continue
         page = f"layer{where['layer']}_{'weights' if sample.kind == 'weight' else 'activations'}"
         pages.setdefault(page, {}).setdefault(where["block"], []).append(name)
     figures = {}

@@ -121,6 +121,7 @@ def test_plots_write_nonempty_png_and_pdf(fp_model, patches, samples, tmp_path):
     percentiles = analysis.bound_percentiles(samples, {"MinMax": minmax(quantize(fp_model), patches)})
     sheets = plots.layer_sheets(samples, table)
     assert sorted(sheets) == ["layer0_activations", "layer0_weights", "layer1_activations", "layer1_weights"]
+    assert sorted(plots.layer_sheets(samples, table, layers=[1])) == ["layer1_activations", "layer1_weights"]
     figures = {"grid": plots.distribution_grid(samples, table), "sheet": sheets["layer0_weights"],
                "bounds": plots.bound_percentile_plot(percentiles, highlight=example),
                "rank": plots.rank_plot(analysis.activation_ranks(fp_model, patches)),
