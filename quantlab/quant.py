@@ -223,6 +223,12 @@ class QuantMatMul(nn.Module):
         for name, kind in zip(names, kinds):
             self.add_module(name, FakeQuantizer(kind, config.a_bits))
 
+    @property
+    def sliceable(self) -> bool:
+        """False while a quantizer observes or is hooked (it must see whole tensors): see ``swinir.is_sliceable``."""
+        return all(m.mode != "observe" and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in (getattr(self, name) for name in self.names))
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa, qb = (getattr(self, name) for name in self.names)
         return qa(a) @ qb(b)

@@ -259,3 +259,29 @@ def test_nan_calibration_data_is_refused(tiny_model_and_patches):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         calibrate.minmax(quantize(model), bad)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, batch):
+    """Inference runs the quantized attention ATTENTION_CHUNK windows at a time (with and without
+    the shift mask, one or several images); a hook forces the whole-batch path: same values."""
+    from quantlab import swinir
+
+    model, patches = tiny_model_and_patches
+    qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
+    x = torch.rand(batch, 3, 4 * 9, 4 * 10, generator=torch.Generator().manual_seed(2))  # 90 windows of 4x4 > 64
+    assert 9 * 10 > swinir.ATTENTION_CHUNK
+    attn = qmodel.layers[0].blocks[1].attn  # a shifted block
+    explicit, chunks = attn.explicit_attention, []
+    attn.explicit_attention = lambda *a: chunks.append(a[0].shape[0]) or explicit(*a)
+    with torch.no_grad():
+        chunked = qmodel(x)
+    assert chunks == [batch * 64, batch * 26]  # the shifted block ran in two chunks of windows
+    for layer in qmodel.layers:
+        for block in layer.blocks:
+            block.attn.matmul_av.register_forward_hook(lambda *args: None)
+    with torch.no_grad():
+        whole = qmodel(x)
+    assert torch.equal(chunked, whole)
+    set_mode(qmodel, "observe")
+    assert not qmodel.layers[0].blocks[0].attn.matmul_qk.sliceable  # calibration sees whole tensors
