@@ -56,11 +56,23 @@ def dobi_candidates(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, num_poi
     return lo.expand(num_points).clone(), (hi - i * delta).to(lo.dtype)
 
 
+def memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` or, for a transposed view of contiguous memory (e.g. K^T), its transpose: same elements."""
+    return x.mT if not x.is_contiguous() and x.dim() >= 2 and x.mT.is_contiguous() else x
+
+
 def flat_values(x: torch.Tensor) -> torch.Tensor:
     """The elements of ``x`` as a 1-D tensor, without a copy for contiguous or transposed views."""
-    if not x.is_contiguous() and x.dim() >= 2 and x.mT.is_contiguous():
-        x = x.mT  # e.g. K^T: same elements, contiguous memory
-    return x.reshape(-1)
+    return memory_order(x).reshape(-1)
+
+
+def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
+    """``sample`` elements of ``x`` drawn uniformly with replacement (seeded): those at the same random
+    positions of :func:`flat_values`, read in place (no copy of a strided view such as Q or V)."""
+    x = memory_order(x)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    picks = torch.randint(x.numel(), (sample,), generator=generator, device=x.device)
+    return x[torch.unravel_index(picks, x.shape)]
 
 
 @torch.no_grad()
@@ -72,16 +84,13 @@ def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: 
     ``bins``-bin histogram (bin centres weighted by counts) of ``x`` or, with ``sample``, of that
     many elements drawn uniformly at random (seeded). Returns 0-d tensors (lower, upper)."""
     check_bits(bits)
-    values = flat_values(x.detach())
-    lo, hi = torch.aminmax(values)
+    x = x.detach()
+    lo, hi = torch.aminmax(x)
     lo, hi = lo.float(), hi.float()
     if hi == lo or not torch.isfinite(hi - lo):
         return lo, hi
     lower, upper = dobi_candidates(lo, hi, symmetric, num_points)
-    if sample and values.numel() > sample:
-        generator = torch.Generator(device=values.device).manual_seed(0)
-        values = values[torch.randint(values.numel(), (sample,), generator=generator, device=values.device)]
-    values = values.float()
+    values = (sample_values(x, sample) if sample and x.numel() > sample else flat_values(x)).float()
     if bins:
         counts = torch.histc(values, bins, lo.item(), hi.item())
         centres = lo + (torch.arange(bins, device=values.device) + 0.5) * (hi - lo) / bins

@@ -199,6 +199,14 @@ def test_dobi_search_reads_transposed_views_without_changing_the_answer():
     assert dobi_search(x.transpose(-2, -1), 3) == dobi_search(x.contiguous(), 3)
 
 
+def test_sampled_values_of_a_strided_view_are_those_of_its_flat_copy():
+    x = torch.randn(8, 6, 16, 30, generator=torch.Generator().manual_seed(4))[..., :10]  # like Q: strided
+    flat = x.reshape(-1)
+    picks = torch.randint(flat.numel(), (500,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(calibrate.sample_values(x, 500), flat[picks])
+    assert dobi_search(x, 3, sample=500, bins=64) == dobi_search(x.contiguous(), 3, sample=500, bins=64)
+
+
 def test_dobi_first_candidate_is_minmax_and_grid_shrinks_around_midrange():
     lower, upper = dobi_candidates(torch.tensor(-1.0), torch.tensor(3.0), True, 100)
     assert (lower[0].item(), upper[0].item()) == (-1.0, 3.0)
