@@ -33,7 +33,7 @@ class NotebookFailed(RuntimeError):
 
 
 QUICK_DATASETS = ["Set5", "Set14"]
-QUICK_LIMIT = 1  # first image of each set: one full-model Set14 pass alone takes ~4.5 min on 2 cores
+QUICK_LIMIT = 1  # first image of each set: a whole Set14 pass takes 1.5 (FP) to 2.3 (fake-quantized) min on 2 cores
 FULL_DATASETS = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
 TABLE_METHODS = ["fp", "bicubic", "minmax", "percentile", "dbdc_pac", "dobi", "2dquant"]
 
