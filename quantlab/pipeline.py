@@ -59,10 +59,10 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
                                            folder=train_folder)
         student_fp, _ = condition_model(fp_model, gram_patches, progress=progress)
         teacher_fp = student_fp if teacher == "conditioned" else fp_model
-    if stage1 is not None and (method not in STAGE1 or getattr(stage1, "quant_config", None) != config):
-        raise ValueError(f"stage1 must be a calibrated model with {config} and is only for {tuple(STAGE1)}, "
-                         f"got method {method!r}")
     if stage1 is not None:
+        if method not in STAGE1 or getattr(stage1, "quant_config", None) != config:
+            raise ValueError(f"stage1 must be a calibrated model with {config} and is only for {tuple(STAGE1)}, "
+                             f"got method {method!r}")
         qmodel = copy.deepcopy(stage1)
     else:
         qmodel = quantize(student_fp, config)
