@@ -93,7 +93,7 @@ class ResultsCache:
         if path.is_file():
             return load_quantized(path, fp)
         stage1 = None
-        if method == "dqc" or (method == "2dquant" and get_preset(preset).dobi_mode == calibrate.DEFAULT_DOBI_MODE):
+        if method in STAGE1 and (method != "2dquant" or get_preset(preset).dobi_mode == calibrate.DEFAULT_DOBI_MODE):
             stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress)  # cached once, shared
         return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
                                 stage1=stage1, **overrides)

@@ -139,7 +139,7 @@ class WindowAttention(nn.Module):
 
 def is_plain(module: nn.Module) -> bool:
     """True for a :class:`MatMul` that nothing wraps or hooks (it may then be fused away)."""
-    return type(module) is MatMul and not (module._forward_hooks or module._forward_pre_hooks)
+    return type(module) is MatMul and is_sliceable(module)
 
 
 def is_sliceable(module: nn.Module) -> bool:
