@@ -8,6 +8,8 @@ calibration pass also had DropPath active by mistake; quantlab's model has no Dr
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,11 +70,22 @@ def flat_values(x: torch.Tensor) -> torch.Tensor:
 
 def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
     """``sample`` elements of ``x`` drawn uniformly with replacement (seeded): those at the same random
-    positions of :func:`flat_values`, read in place (no copy of a strided view such as Q or V)."""
+    positions of :func:`flat_values`, read in place (no copy of a strided view such as Q or V) in
+    ascending memory order (~10x faster than random order on a 200 MB attention map)."""
     x = memory_order(x)
-    generator = torch.Generator(device=x.device).manual_seed(0)
-    picks = torch.randint(x.numel(), (sample,), generator=generator, device=x.device)
-    return x[torch.unravel_index(picks, x.shape)]
+    span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    memory = x.as_strided((span,), (1,))  # the storage x spans, as 1-D
+    return memory[_sample_offsets(x.shape, x.stride(), sample, x.device)]
+
+
+@functools.lru_cache(maxsize=32)
+def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int, device: torch.device) -> torch.Tensor:
+    """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
+    tensor of this shape and strides; the same picks for every tensor of the layout, drawn once."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    picks = torch.randint(math.prod(shape), (sample,), generator=generator, device=device)
+    index = torch.unravel_index(picks, shape)
+    return sum(i * stride for i, stride in zip(index, strides)).sort().values
 
 
 @torch.no_grad()
