@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, quantizers, set_mode
+from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, clip_scaled, quantizers, set_mode
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
@@ -38,11 +38,9 @@ def quantization_error(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
 
     x: (M,) values; lower, upper: (K,) candidates; weights: (M,) or None (all 1). Returns (K,).
     """
-    levels = 2**bits - 1
     lo, hi = lower[:, None], upper[:, None]
-    step = (hi - lo) / levels
-    q = torch.round((torch.minimum(torch.maximum(x[None], lo), hi) - lo) / step) * step + lo
-    err = (q - x[None]) ** 2
+    c_hat, step = clip_scaled(x[None], lo, hi, 2**bits - 1)  # the fake quantizer's own arithmetic
+    err = c_hat.round_().mul_(step).add_(lo).sub_(x[None]).square_()  # one (K, M) tensor, in place
     return err.sum(1) if weights is None else err @ weights
 
 
@@ -90,12 +88,13 @@ def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: in
 
 @torch.no_grad()
 def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: int = 100,
-                bins: int | None = None, sample: int | None = None, chunk: int = 2**16) -> Bounds:
+                bins: int | None = None, sample: int | None = None, chunk: int = 2**14) -> Bounds:
     """DOBI for one tensor (2DQuant Alg. 1 as released): the candidate with the smallest L2 error,
     the first one on ties. The grid comes from the exact min and max of ``x``. All K candidates
-    are scored in one batched computation: exactly over chunks of ``x`` (default), or over a
-    ``bins``-bin histogram (bin centres weighted by counts) of ``x`` or, with ``sample``, of that
-    many elements drawn uniformly at random (seeded). Returns 0-d tensors (lower, upper)."""
+    are scored in one batched computation: exactly over ``chunk``-element parts of ``x`` (default;
+    K x chunk floats stay in cache), or over a ``bins``-bin histogram (bin centres weighted by
+    counts) of ``x`` or, with ``sample``, of that many elements drawn uniformly at random (seeded).
+    Returns 0-d tensors (lower, upper)."""
     check_bits(bits)
     x = x.detach()
     lo, hi = torch.aminmax(x)

@@ -39,7 +39,7 @@ def check_bits(bits: int) -> int:
     return bits
 
 
-def _clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+def clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                  levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed as clip((x - l) / s, 0, n) on one
     new tensor (the same rounded levels, one pass fewer than clipping x and ~1.4x faster on CPU)."""
@@ -57,7 +57,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lower, upper, levels):
-        c_hat, step = _clip_scaled(x, lower, upper, levels)
+        c_hat, step = clip_scaled(x, lower, upper, levels)
         r = torch.round(c_hat)
         ctx.save_for_backward(x, lower, upper, r - c_hat)
         ctx.levels = levels
@@ -101,7 +101,7 @@ def fake_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bit
     lower, upper = _bounds_like(x, lower, upper)
     if torch.is_grad_enabled() and (x.requires_grad or lower.requires_grad or upper.requires_grad):
         return _FakeQuantize.apply(x, lower, upper, levels)
-    c_hat, step = _clip_scaled(x, lower, upper, levels)
+    c_hat, step = clip_scaled(x, lower, upper, levels)
     return c_hat.round_().mul_(step).add_(lower)
 
 
@@ -110,7 +110,7 @@ def integer_levels(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bi
     """The integers r = round((clip(x, l, u) - l) / s) in [0, 2^b - 1] of Eq. 1 (x_q = s r + l), as
     floats of ``x``'s shape: what a b-bit kernel stores. Same bounds rule as :func:`fake_quantize`."""
     lower, upper = _bounds_like(x, lower, upper)
-    return _clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1)[0].round_()
+    return clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1)[0].round_()
 
 
 class FakeQuantizer(nn.Module):
