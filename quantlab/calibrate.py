@@ -73,7 +73,7 @@ def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
     x = memory_order(x)
     span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
     memory = x.as_strided((span,), (1,))  # the storage x spans, as 1-D
-    return memory[_sample_offsets(x.shape, x.stride(), sample, x.device)]
+    return memory.index_select(0, _sample_offsets(x.shape, x.stride(), sample, x.device))
 
 
 @functools.lru_cache(maxsize=32)
