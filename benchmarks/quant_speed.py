@@ -1,12 +1,13 @@
 """DOBI calibration speed/memory and fake-quantized inference cost, against their targets.
 
-    python benchmarks/quant_speed.py [--model default-x2|PATH] [--bits 4] [--rounds 3]
+    python benchmarks/quant_speed.py [--model default-x2|PATH] [--bits 4] [--rounds 3] [--quantized FILE]
 
 Prints: whole-model DOBI on 32 LR patches 3x64x64 (target <= 10 s, peak RSS <= 4 GiB) beside one FP
 forward pass of that batch (the pass DOBI observes); the time of the per-tensor search on the
 distinct tensors of the first Swin block, as a per-candidate loop, batched exact, and batched on a
 histogram of a sample with the model-level defaults (no extrapolation to the whole model); and Set5
-inference time of the quantized vs the FP model in alternating rounds (target <= 1.5x).
+inference time of the quantized (the DOBI one, or ``--quantized FILE``) vs the FP model in
+alternating rounds (target <= 1.5x).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,7 @@ from quantlab import calibrate, load_model
 from quantlab.calibrate import DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search
 from quantlab.data import calibration_patches
 from quantlab.evaluation import evaluate
+from quantlab.pipeline import load_quantized
 from quantlab.quant import QuantConfig, fake_quantize, quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--model", default="default-x2")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="alternating FP / fake-quantized Set5 rounds")
+    parser.add_argument("--quantized", default=None,
+                        help="evaluate this quantized-model file ('quantlab quantize') instead of the DOBI model")
     args = parser.parse_args()
     model, label = fp_model(args.model)
     patches = calibration_patches(n=32, size=64, scale=model.config.scale)
@@ -97,6 +102,10 @@ def main() -> None:
     for name, seconds in timings.items():
         print(f"  {name:18s} {seconds:7.2f} s   speed-up over loop {timings['loop'] / seconds:6.1f}x")
 
+    if args.quantized:
+        qmodel, qlabel = load_quantized(args.quantized, model), Path(args.quantized).name
+    else:
+        qlabel = f"DOBI W{args.bits}A{args.bits}"
     nets = {"FP": model, "fake-quantized": qmodel}
     for net in nets.values():
         evaluate(net, ["Set5"], model.config.scale, limit=1, progress=False)  # warm-up
@@ -108,7 +117,7 @@ def main() -> None:
             rounds[name].append(time.perf_counter() - start)
     fp, fq = (statistics.median(rounds[name]) for name in nets)
     print(f"Set5 x{model.config.scale} evaluation (median of {args.rounds} alternating rounds): FP {fp:.1f} s, "
-          f"fake-quantized {fq:.1f} s   ratio {fq / fp:.2f}x   target 1.5x   "
+          f"fake-quantized ({qlabel}) {fq:.1f} s   ratio {fq / fp:.2f}x   target 1.5x   "
           f"(per round: {', '.join(f'{q / f:.2f}x' for f, q in zip(*rounds.values()))})")
 
 
