@@ -40,9 +40,9 @@ def check_bits(bits: int) -> int:
 
 
 def clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                 levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+                levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed as clip((x - l) / s, 0, n) on one
-    new tensor (the same rounded levels, one pass fewer than clipping x and ~1.4x faster on CPU)."""
+    new tensor: the same rounded levels, one pass fewer than clipping x first."""
     step = (upper - lower) / levels
     return torch.sub(x, lower).div_(step).clamp_(0, levels), step
 

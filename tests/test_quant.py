@@ -26,6 +26,18 @@ def test_forward_is_eq1_on_a_grid():
         assert (out - eq1(x, lower, upper, bits)).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_forward_equals_eq1_bit_for_bit_in_float32(bits):
+    """Clipping after scaling (the implementation) gives exactly Eq. (1)'s values, bounds included."""
+    gen = torch.Generator().manual_seed(bits)
+    for _ in range(20):
+        lower, upper = (torch.randn(2, generator=gen) * 3).sort().values.view(2, 1)
+        x = torch.cat([torch.randn(10000, generator=gen) * 4, lower, upper, torch.nextafter(upper, upper + 1)])
+        expected = eq1(x, lower, upper, bits)
+        assert torch.equal(fake_quantize(x, lower, upper, bits), expected)
+        assert torch.equal(fake_quantize(x, lower.requires_grad_(), upper, bits), expected)
+
+
 def assert_eq2_gradients(x, lower, upper, bits, upstream):
     """The gradients left in ``x``, ``lower``, ``upper`` by ``Q(x).backward(upstream)`` are Eq. (2)'s."""
     x, lo, hi = x.detach(), lower.detach(), upper.detach()
