@@ -13,11 +13,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .calibrate import DOBI_MODES
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .data import Benchmark
 from .distill import PRESETS
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
-from .pipeline import METHODS, load_quantized
+from .pipeline import METHODS, WITH_DOBI, load_quantized
 from .quant import MAX_BITS, MIN_BITS, quantizers
 from .reproduce import FIGURES_DIR, NOTEBOOKS, TABLE_METHODS, NotebookFailed, reproduce
 from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, quantize_to_file, results_grid,
@@ -138,11 +139,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     if args.teacher and args.method != "condiquant":
         raise ValueError(f"--teacher applies to --method condiquant only (got --method {args.method}); drop --teacher")
+    if args.dobi_mode and args.method not in WITH_DOBI:
+        raise ValueError(f"--dobi-mode applies to --method {'/'.join(WITH_DOBI)} only (got --method {args.method}); "
+                         "drop --dobi-mode")
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
     qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, train_folder=args.data,
-                              teacher=TEACHERS[args.teacher or "fp"])
+                              teacher=TEACHERS[args.teacher or "fp"], dobi_mode=args.dobi_mode)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
 
@@ -212,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bits of weights and activations")
     qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
+    qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
+                    help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper) or "
+                    "symmetric everywhere (release); default: paper for dobi, the preset's for the others")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")

@@ -27,6 +27,7 @@ METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "dqc", "2dquant", "condiq
 DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
 TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
 STAGE1 = {"dqc": "minmax", "2dquant": "dobi"}  # the calibration DQC starts from (2dquant: in the preset's DOBI mode)
+WITH_DOBI = ("dobi", "2dquant", "condiquant")  # methods that run DOBI (the mode is a choice)
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
 CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
 FORMAT = "quantlab-quantized-v1"
@@ -36,7 +37,7 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
                   patches: torch.Tensor | None = None, config: QuantConfig | None = None,
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
                   progress: bool = True, teacher: str = "original", conditioning_patches: int = CONDITIONING_PATCHES,
-                  stage1: nn.Module | None = None, **dqc_overrides) -> nn.Module:
+                  stage1: nn.Module | None = None, dobi_mode: str | None = None, **dqc_overrides) -> nn.Module:
     """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
     batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``dbdc_pac`` = DBDC
     on the patches, then Pac with ``preset`` (quick or paper). ``dqc`` = MinMax, then DQC (the
@@ -44,10 +45,17 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
     (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
     weights on ``conditioning_patches`` LR patches 3x32x32, then 2DQuant of the conditioned model;
     the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one.
+    ``dobi_mode``: ``paper`` or ``release`` (:func:`quantlab.calibrate.dobi`) for the methods that run DOBI;
+    default: ``calibrate.DEFAULT_DOBI_MODE`` for ``dobi``, the preset's for ``2dquant`` / ``condiquant``.
     ``stage1``: for ``dqc`` / ``2dquant``, an already calibrated quantized model of ``fp_model`` (MinMax /
-    DOBI in the preset's mode, same config) to start DQC from instead of calibrating again (it is copied)."""
+    DOBI in that mode, same config) to start DQC from instead of calibrating again (it is copied)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if dobi_mode is not None and (method not in WITH_DOBI or dobi_mode not in calibrate.DOBI_MODES):
+        raise ValueError(f"a DOBI mode ({' or '.join(calibrate.DOBI_MODES)}) applies to the methods {WITH_DOBI} "
+                         f"only, got {dobi_mode!r} for method {method!r}")
+    if method in WITH_DOBI:
+        dobi_mode = dobi_mode or (calibrate.DEFAULT_DOBI_MODE if method == "dobi" else get_preset(preset).dobi_mode)
     config = config or QuantConfig(bits=bits)
     if patches is None:
         patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)
@@ -68,8 +76,8 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
         qmodel = quantize(student_fp, config)
         if method == "dqc":
             calibrate.minmax(qmodel, patches)
-        elif method in DISTILLED:
-            calibrate.dobi(qmodel, patches, mode=get_preset(preset).dobi_mode)
+        elif method in WITH_DOBI:
+            calibrate.dobi(qmodel, patches, mode=dobi_mode)
         elif method == "dbdc_pac":
             dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
         else:
@@ -77,7 +85,7 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
     if method in DISTILLED:
         dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
             method=method, **dqc_overrides)
-    qmodel.quant_info = {"method": method, "preset": preset if method in TUNED else None}
+    qmodel.quant_info = {"method": method, "preset": preset if method in TUNED else None, "dobi_mode": dobi_mode}
     return qmodel
 
 
@@ -124,5 +132,5 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
         unexpected = qmodel.load_state_dict(payload["weights"], strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"{path} holds weights this model does not have: {unexpected[:4]}")
-    qmodel.quant_info = {"method": meta.get("method"), "preset": meta.get("preset")}
+    qmodel.quant_info = {key: meta.get(key) for key in ("method", "preset", "dobi_mode")}
     return qmodel.to(next(fp_model.parameters()).device)

@@ -86,15 +86,18 @@ class ResultsCache:
                   **overrides) -> nn.Module:
         """The calibrated model of ``method`` at ``bits`` (W and A): loaded when cached, else
         calibrated with :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from
-        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``) are part of the file name. ``dqc`` and
-        ``2dquant`` (DOBI in the default mode) start from the cached MinMax / DOBI model, made first if missing."""
+        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``, ``dobi_mode``) are part of the file name.
+        ``dqc`` and ``2dquant`` start from the cached MinMax / DOBI model (in the same DOBI mode), made first
+        if missing."""
         fp, mid = self.fp_model(source)
         path = self.quantized_path(mid, method, bits, cell_tag(method, preset, overrides))
         if path.is_file():
             return load_quantized(path, fp)
         stage1 = None
-        if method in STAGE1 and (method != "2dquant" or get_preset(preset).dobi_mode == calibrate.DEFAULT_DOBI_MODE):
-            stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress)  # cached once, shared
+        if method in STAGE1:  # cached once, shared; a DOBI mode other than the default keys its own cell
+            mode = overrides.get("dobi_mode") or get_preset(preset).dobi_mode
+            options = {"dobi_mode": mode} if method == "2dquant" and mode != calibrate.DEFAULT_DOBI_MODE else {}
+            stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress, **options)
         return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
                                 stage1=stage1, **overrides)
 
@@ -134,11 +137,10 @@ def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Pa
 
 
 def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:
-    """The preset part of a cell's key: ``-`` for untuned methods, else the preset plus any
-    overrides (``quick-lr0.001``)."""
-    if method not in TUNED:
-        return "-"
-    return preset + "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+    """The preset part of a cell's key: the preset (``-`` for untuned methods) plus any overrides
+    (``quick-lr0.001``, ``--dobi_moderelease``)."""
+    options = "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
+    return (preset if method in TUNED else "-") + options
 
 
 def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[str],

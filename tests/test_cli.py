@@ -37,6 +37,16 @@ def bad_checkpoint(tmp_path):
     return path
 
 
+def test_dobi_mode_is_recorded_and_refused_for_methods_without_dobi(tiny_checkpoint, train_folder, tmp_path, capsys):
+    out = tmp_path / "q.pt"
+    main(["quantize", "--model", str(tiny_checkpoint), "--method", "dobi", "--dobi-mode", "release", "--data",
+          str(train_folder), "--out", str(out)])
+    assert load_quantized(out, load_model(tiny_checkpoint)).quant_info["dobi_mode"] == "release"
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", "--method", "minmax", "--dobi-mode", "release", "--out", "q.pt"])
+    assert exit_.value.code == 2 and "--dobi-mode applies to --method dobi/2dquant/condiquant only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "missing.pth"], "no weights file"),
     (["--model", "default-x7"], "no weights file"),

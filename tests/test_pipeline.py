@@ -7,7 +7,7 @@ from quantlab.cli import main
 from quantlab.checkpoints import load_model, save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
 from quantlab.pipeline import linear_weights, load_quantized, quantize_with, save_quantized
-from quantlab.quant import QuantConfig, quantize
+from quantlab.quant import QuantConfig, quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)
@@ -131,6 +131,21 @@ def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path, meth
         load_quantized(tmp_path / "q.pt", other)
     with pytest.raises(FileNotFoundError, match="quantlab quantize"):
         load_quantized(tmp_path / "none.pt", fp_model)
+
+
+def test_dobi_mode_chooses_the_search_of_one_sided_tensors(fp_model):
+    patches = torch.rand(2, 3, 16, 16)
+    models = {mode: quantize_with(fp_model, "dobi", bits=3, patches=patches, dobi_mode=mode) for mode in ("paper", "release")}
+    assert quantize_with(fp_model, "dobi", bits=3, patches=patches).quant_info["dobi_mode"] == "paper"
+    for mode, qmodel in models.items():
+        expected = calibrate.dobi(quantize(fp_model, QuantConfig(bits=3)), patches, mode=mode)
+        assert all(torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
+                   for (_, a), (_, b) in zip(quantizers(qmodel), quantizers(expected), strict=True))
+    lowers = {mode: [q.lower.item() for _, q in quantizers(m) if q.kind == "post_softmax"] for mode, m in models.items()}
+    assert lowers["paper"] != lowers["release"]  # one-sided keeps l = min; symmetric raises it
+    for method, mode in (("minmax", "paper"), ("dobi", "both")):
+        with pytest.raises(ValueError, match="DOBI mode"):
+            quantize_with(fp_model, method, patches=patches, dobi_mode=mode)
 
 
 def test_quantize_and_eval_cli(fp_model, tmp_path, capsys, monkeypatch):

@@ -155,5 +155,9 @@ def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, t
         assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
     cache.quantized(tiny_checkpoint, "dqc", 4, **options)
     assert cache.quantized_path(cache.fp_model(tiny_checkpoint)[1], "minmax", 4, "-").is_file()
+    release = cache.quantized(tiny_checkpoint, "2dquant", 4, dobi_mode="release", **options)
+    assert calibrations == [1, 1]  # a release-mode DOBI cell of its own, not the paper-mode one
+    assert cache.quantized(tiny_checkpoint, "dobi", 4, dobi_mode="release").quant_info["dobi_mode"] == "release"
+    assert calibrations == [1, 1] and release.quant_info["dobi_mode"] == "release"
     with pytest.raises(ValueError, match="stage1"):
         pipeline.quantize_with(load_model(tiny_checkpoint), "dobi", 4, stage1=reused, train_folder=train_folder)
