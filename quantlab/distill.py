@@ -150,10 +150,11 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str) -> dict:
+def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str,
+                    training_images: list[str]) -> dict:
     """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
-    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed and
-    the SHA-256 of the teacher's weights. JSON-normalized, as stored."""
+    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed, the
+    SHA-256 of the teacher's weights and the file names of the training images. JSON-normalized, as stored."""
     quant_config = getattr(qmodel, "quant_config", None)
     return json.loads(json.dumps({
         "method": method,
@@ -162,6 +163,7 @@ def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, s
         "preset": {k: v for k, v in asdict(config).items() if k != "checkpoint_every"},
         "seed": seed,
         "teacher_sha256": weights_fingerprint(fp_model),
+        "training_images": training_images,
     }))
 
 
@@ -207,7 +209,8 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     sampler = PatchSampler(scale, config.patch_size, train_folder, seed=seed)
     state = {"iteration": 0, "best_psnr": -math.inf, "best_bounds": None, "history": []}
     path = Path(checkpoint) if checkpoint else None
-    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method) if path else None
+    images = [p.name for p in sampler.paths]
+    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, images) if path else None
     if path and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
         differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)

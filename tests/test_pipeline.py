@@ -66,7 +66,7 @@ def test_dqc_set5_selection_leaves_the_feature_loss_alone(tiny_checkpoint, train
     assert pairs == [((2, 256, 12), (2, 256, 12))] * (4 * len(fp.layers))
 
 
-def test_dqc_refuses_a_checkpoint_of_another_run(fp_model, tmp_path, monkeypatch):
+def test_dqc_refuses_a_checkpoint_of_another_run(fp_model, tmp_path, monkeypatch, train_folder):
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     settings = dict(iterations=4, batch_size=2, patch_size=16, checkpoint_every=2, progress=False)
@@ -84,6 +84,9 @@ def test_dqc_refuses_a_checkpoint_of_another_run(fp_model, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="teacher_sha256"):
         dqc(calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches), SwinIR(TINY).eval(), "quick",
             checkpoint=path, **settings)
+    with pytest.raises(ValueError, match="training_images"):
+        dqc(calibrate.minmax(quantize(fp_model, QuantConfig(bits=3)), patches), fp_model, "quick", checkpoint=path,
+            train_folder=train_folder, **settings)
 
 
 def test_dqc_resume_after_interruption_equals_straight_run(fp_model, tmp_path, monkeypatch):
