@@ -18,10 +18,10 @@ from .checkpoints import EMBEDDED_MODELS, load_model
 from .data import Benchmark
 from .distill import PRESETS
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
-from .pipeline import METHODS, WITH_DOBI, load_quantized
+from .pipeline import METHODS, WITH_DOBI, load_quantized, quantize_to_file
 from .quant import MAX_BITS, MIN_BITS, quantizers
 from .reproduce import FIGURES_DIR, NOTEBOOKS, TABLE_METHODS, NotebookFailed, reproduce
-from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, quantize_to_file, results_grid,
+from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, results_grid,
                       save_table, to_markdown, write_csv_atomic)
 from .train import TrainConfig, Trainer
 

@@ -134,3 +134,16 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
             raise ValueError(f"{path} holds weights this model does not have: {unexpected[:4]}")
     qmodel.quant_info = {key: meta.get(key) for key in ("method", "preset", "dobi_mode")}
     return qmodel.to(next(fp_model.parameters()).device)
+
+
+def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
+                     **options) -> nn.Module:
+    """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes
+    from ``<path>.dqc.pt``, which is removed once the quantized-model file is written."""
+    path = Path(path)
+    checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
+    qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
+    save_quantized(qmodel, fp_model, path)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    return qmodel

@@ -21,7 +21,7 @@ from .checkpoints import load_model
 from .distill import get_preset
 from .evaluation import evaluate, per_image
 from .files import atomic_path
-from .pipeline import DISTILLED, STAGE1, TUNED, load_quantized, quantize_with, save_quantized, weights_fingerprint
+from .pipeline import STAGE1, TUNED, load_quantized, quantize_to_file, weights_fingerprint
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
 METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
@@ -121,19 +121,6 @@ class ResultsCache:
         frame = frame.assign(model=mid, scale=scale, method=method, bits=bits, preset=tag)
         write_csv_atomic(frame, path)
         return frame
-
-
-def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
-                     **options) -> nn.Module:
-    """:func:`quantlab.pipeline.quantize_with` (``options`` passed on), saved to ``path``; DQC resumes
-    from ``<path>.dqc.pt``, which is removed once the quantized-model file is written."""
-    path = Path(path)
-    checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
-    qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
-    save_quantized(qmodel, fp_model, path)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
-    return qmodel
 
 
 def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:

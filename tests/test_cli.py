@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from quantlab import cli, results
+from quantlab import cli, pipeline
 from quantlab.checkpoints import load_model
 from quantlab.cli import main
 from quantlab.pipeline import load_quantized, quantize_with
@@ -96,7 +96,7 @@ def test_quantize_passes_the_condiquant_teacher(teacher, expected, tiny_checkpoi
         calls.append((method, options))
         return quantize_with(fp_model, "minmax", bits=options["bits"], train_folder=options["train_folder"])
 
-    monkeypatch.setattr(results, "quantize_with", cheap)
+    monkeypatch.setattr(pipeline, "quantize_with", cheap)
     args = ["quantize", "--model", str(tiny_checkpoint), "--method", "condiquant", "--data", str(train_folder),
             "--out", str(tmp_path / "q.pt")]
     main(args + (["--teacher", teacher] if teacher else []))

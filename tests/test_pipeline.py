@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantlab import calibrate, distill
+from quantlab import calibrate, distill, pipeline
 from quantlab.cli import main
 from quantlab.checkpoints import load_model, save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
@@ -179,3 +179,16 @@ def test_condiquant_pipeline_conditions_quantizes_and_round_trips(fp_model, tmp_
         assert torch.equal(qmodel(x), again(x))
     with pytest.raises(ValueError, match="teacher"):
         quantize_with(fp_model, "condiquant", patches=patches, teacher="student")
+
+
+def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
+    fp = load_model(tiny_checkpoint)
+    path = tmp_path / "q.pt"
+    checkpoint_when_saved = []
+    save = pipeline.save_quantized
+    monkeypatch.setattr(pipeline, "save_quantized", lambda *a: checkpoint_when_saved.append(
+        path.with_suffix(".dqc.pt").is_file()) or save(*a))
+    qmodel = pipeline.quantize_to_file(fp, "dqc", 4, path, train_folder=train_folder, progress=False, iterations=2)
+    assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
+    assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
+    assert load_quantized(path, fp).quant_info == qmodel.quant_info

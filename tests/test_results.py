@@ -118,22 +118,6 @@ def test_paper_only_rows_sit_in_the_layout_before_2dquant():
         paper_layout(grid, paper=True, paper_only=["PTQ4VIT"])
 
 
-def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
-    from quantlab.checkpoints import load_model
-    from quantlab.pipeline import load_quantized
-
-    fp = load_model(tiny_checkpoint)
-    path = tmp_path / "q.pt"
-    checkpoint_when_saved = []
-    save = results.save_quantized
-    monkeypatch.setattr(results, "save_quantized", lambda *a: checkpoint_when_saved.append(
-        path.with_suffix(".dqc.pt").is_file()) or save(*a))
-    qmodel = results.quantize_to_file(fp, "dqc", 4, path, train_folder=train_folder, progress=False, iterations=2)
-    assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
-    assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
-    assert load_quantized(path, fp).quant_info == qmodel.quant_info
-
-
 def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
     """2dquant reuses the cached DOBI model (and dqc the MinMax one) instead of calibrating again,
     with the same bounds as a run from scratch."""
