@@ -31,14 +31,15 @@ BINS = 100
 
 
 def save_figure(fig: Figure, folder: str | Path, name: str, pdf: bool = True, dpi: int = 150) -> list[Path]:
-    """Write ``folder/<name>.png`` (and ``.pdf``) through temporary files renamed into place; returns the paths."""
+    """Write ``folder/<name>.png`` (and ``.pdf``) through temporary files renamed into place; returns the paths.
+    The files carry no creation date, so that the same figure gives the same bytes (no churn in ``figures/``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for suffix in (".png", ".pdf") if pdf else (".png",):
         path = folder / f"{name}{suffix}"
         tmp = path.with_name(f".{path.stem}.tmp{suffix}")  # keeps the suffix: matplotlib picks the format from it
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"CreationDate": None} if suffix == ".pdf" else None)
         tmp.replace(path)
         paths.append(path)
     return paths

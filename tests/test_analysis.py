@@ -1,4 +1,6 @@
 """quantlab.analysis statistics, quantlab.plots figures and the analysis notebooks (quick mode, tiny model)."""
+import time
+
 import pytest
 import torch
 
@@ -132,6 +134,10 @@ def test_plots_write_nonempty_png_and_pdf(fp_model, patches, samples, tmp_path):
         assert all(p.stat().st_size > 1000 for p in paths)
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
         "bounds.png", "grid.pdf", "grid.png", "rank.png", "sheet.png", "sweep.png"]  # no temporary file left
+    first = [p.read_bytes() for p in sorted((tmp_path / "figs").glob("grid.*"))]
+    time.sleep(1.1)  # a creation date in seconds would now differ
+    again = plots.save_figure(figures["grid"], tmp_path / "figs", "grid", dpi=60)
+    assert [p.read_bytes() for p in sorted(again)] == first  # same figure, same bytes
 
 
 def test_every_quantizer_is_collected_whole(fp_model, patches):
