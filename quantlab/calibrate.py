@@ -122,22 +122,24 @@ def percentile_bounds(x: torch.Tensor, p: float = DEFAULT_PERCENTILE) -> Bounds:
     than ``kthvalue`` on a 50M-element attention tensor)."""
     if not 0 <= p < 50:
         raise ValueError(f"percentile p must be in [0, 50), got {p}")
-    flat = x.flatten()
+    flat = flat_values(x)
     k = max(1, int(round(p / 100 * flat.numel())))  # the k-th smallest and the k-th largest element
-    return kth_smallest(flat, k), -kth_smallest(-flat, k)
+    return kth_value(flat, k), kth_value(flat, k, largest=True)
 
 
-def kth_smallest(flat: torch.Tensor, k: int, sample: int = 2**16) -> torch.Tensor:
-    """The exact k-th smallest element (1-based) of a 1-D tensor. On large tensors, a threshold read off a
-    fixed random sample keeps only the elements at or below it (a few times k of them) for the exact
-    selection; the full selection runs when that subset is too small (never wrong, only slower)."""
+def kth_value(flat: torch.Tensor, k: int, largest: bool = False, sample: int = 2**16) -> torch.Tensor:
+    """The exact k-th smallest (or k-th largest) element, 1-based, of a 1-D tensor. On large tensors, a
+    threshold read off a fixed random sample keeps only the elements on the near side of it (a few
+    times k of them) for the exact selection; the full selection runs when that subset is too small
+    (never wrong, only slower)."""
     n = flat.numel()
-    if n <= 16 * sample:
-        return flat.kthvalue(k).values
-    picks = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(flat.device)
-    rank = min(sample, int(4 * k / n * sample) + 16)  # ~4x the expected share, plus slack for small k
-    candidates = flat[flat <= flat[picks].kthvalue(rank).values]
-    return (candidates if candidates.numel() >= k else flat).kthvalue(k).values
+    if n > 16 * sample:
+        picks = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(flat.device)
+        rank = min(sample, int(4 * k / n * sample) + 16)  # ~4x the expected share, plus slack for small k
+        threshold = flat[picks].kthvalue(sample + 1 - rank if largest else rank).values
+        near = flat[flat >= threshold] if largest else flat[flat <= threshold]
+        flat = near if near.numel() >= k else flat
+    return flat.kthvalue(flat.numel() + 1 - k if largest else k).values
 
 
 Fit = Callable[[FakeQuantizer, torch.Tensor], Bounds]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quantlab import calibrate, quant
-from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, kth_smallest,
+from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, kth_value,
                                 percentile_bounds, quantization_error)
 from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
 from quantlab.swinir import SwinIR, SwinIRConfig
@@ -236,14 +236,18 @@ def test_percentile_bounds():
     ordered = y.flatten().sort().values
     k = round(0.001 * 2.0 * y.numel())
     assert [v.item() for v in percentile_bounds(y, 0.2)] == [ordered[k - 1].item(), ordered[-k].item()]
+    z = torch.randn(2, 64, 10, generator=torch.Generator().manual_seed(5)).mT  # a transposed view, like K^T
+    assert [v.item() for v in percentile_bounds(z, 1.0)] == [v.item() for v in percentile_bounds(z.contiguous(), 1.0)]
     with pytest.raises(ValueError, match="percentile"):
         percentile_bounds(x, 60)
 
 
 @pytest.mark.parametrize("k", [1, 7, 2000, 2**21 - 3])
-def test_kth_smallest_is_exact_on_large_tensors(k):
+def test_kth_value_is_exact_on_large_tensors(k):
     x = torch.randn(2**21) ** 3  # heavy tails: the sampled threshold must still bracket the k-th element
-    assert kth_smallest(x, k) == x.sort().values[k - 1]
+    ordered = x.sort().values
+    assert kth_value(x, k) == ordered[k - 1]
+    assert kth_value(x, k, largest=True) == ordered[-k]
 
 
 @pytest.fixture(scope="module")
