@@ -209,8 +209,7 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     sampler = PatchSampler(scale, config.patch_size, train_folder, seed=seed)
     state = {"iteration": 0, "best_psnr": -math.inf, "best_bounds": None, "history": []}
     path = Path(checkpoint) if checkpoint else None
-    images = [p.name for p in sampler.paths]
-    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, images) if path else None
+    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths]) if path else None
     if path and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
         differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)

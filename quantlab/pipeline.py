@@ -26,11 +26,22 @@ from .quant import QuantConfig, quantize, quantizers
 METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "dqc", "2dquant", "condiquant")
 DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
 TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
-STAGE1 = {"dqc": "minmax", "2dquant": "dobi"}  # the calibration DQC starts from (2dquant: in the preset's DOBI mode)
+STAGE1 = {"dqc": "minmax", "2dquant": "dobi"}  # the calibration DQC starts from (2dquant: in its DOBI mode)
 WITH_DOBI = ("dobi", "2dquant", "condiquant")  # methods that run DOBI (the mode is a choice)
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
 CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
 FORMAT = "quantlab-quantized-v1"
+
+
+def resolve_dobi_mode(method: str, preset: str, dobi_mode: str | None = None) -> str | None:
+    """The DOBI mode ``method`` runs with: ``dobi_mode`` when given, else ``calibrate.DEFAULT_DOBI_MODE``
+    for ``dobi`` and the preset's for ``2dquant`` / ``condiquant``; None for methods without DOBI."""
+    if dobi_mode is not None and (method not in WITH_DOBI or dobi_mode not in calibrate.DOBI_MODES):
+        raise ValueError(f"a DOBI mode ({' or '.join(calibrate.DOBI_MODES)}) applies to the methods {WITH_DOBI} "
+                         f"only, got {dobi_mode!r} for method {method!r}")
+    if method not in WITH_DOBI:
+        return None
+    return dobi_mode or (calibrate.DEFAULT_DOBI_MODE if method == "dobi" else get_preset(preset).dobi_mode)
 
 
 def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
@@ -46,16 +57,12 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
     weights on ``conditioning_patches`` LR patches 3x32x32, then 2DQuant of the conditioned model;
     the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one.
     ``dobi_mode``: ``paper`` or ``release`` (:func:`quantlab.calibrate.dobi`) for the methods that run DOBI;
-    default: ``calibrate.DEFAULT_DOBI_MODE`` for ``dobi``, the preset's for ``2dquant`` / ``condiquant``.
+    default: :func:`resolve_dobi_mode`.
     ``stage1``: for ``dqc`` / ``2dquant``, an already calibrated quantized model of ``fp_model`` (MinMax /
     DOBI in that mode, same config) to start DQC from instead of calibrating again (it is copied)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if dobi_mode is not None and (method not in WITH_DOBI or dobi_mode not in calibrate.DOBI_MODES):
-        raise ValueError(f"a DOBI mode ({' or '.join(calibrate.DOBI_MODES)}) applies to the methods {WITH_DOBI} "
-                         f"only, got {dobi_mode!r} for method {method!r}")
-    if method in WITH_DOBI:
-        dobi_mode = dobi_mode or (calibrate.DEFAULT_DOBI_MODE if method == "dobi" else get_preset(preset).dobi_mode)
+    dobi_mode = resolve_dobi_mode(method, preset, dobi_mode)
     config = config or QuantConfig(bits=bits)
     if patches is None:
         patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)

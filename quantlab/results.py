@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 
 from . import calibrate
 from .checkpoints import load_model
-from .distill import get_preset
 from .evaluation import evaluate, per_image
 from .files import atomic_path
-from .pipeline import STAGE1, TUNED, load_quantized, quantize_to_file, weights_fingerprint
+from .pipeline import STAGE1, TUNED, load_quantized, quantize_to_file, resolve_dobi_mode, weights_fingerprint
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
 METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
@@ -95,8 +94,8 @@ class ResultsCache:
             return load_quantized(path, fp)
         stage1 = None
         if method in STAGE1:  # cached once, shared; a DOBI mode other than the default keys its own cell
-            mode = overrides.get("dobi_mode") or get_preset(preset).dobi_mode
-            options = {"dobi_mode": mode} if method == "2dquant" and mode != calibrate.DEFAULT_DOBI_MODE else {}
+            mode = resolve_dobi_mode(method, preset, overrides.get("dobi_mode"))
+            options = {"dobi_mode": mode} if mode not in (None, calibrate.DEFAULT_DOBI_MODE) else {}
             stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress, **options)
         return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
                                 stage1=stage1, **overrides)
