@@ -39,6 +39,20 @@ def test_lr_hr_mismatch_names_file_and_sizes(tiny_benchmark):
         Benchmark("Tiny", 2)[0]
 
 
+@pytest.mark.parametrize("name", ["ax2.png", "a_LRBI_x2.png"], ids=["benchmark", "manga109-LRBI"])
+def test_shipped_lr_is_read_under_either_naming(tiny_benchmark, name):
+    """An LR file named as in the EDSR benchmark package or as Manga109's ``<name>_LRBI_x<s>.png`` is
+    read instead of generated: its pixels come back, and nothing is written to the LR cache."""
+    lr_dir = tiny_benchmark / "benchmark" / "Tiny" / "LR_bicubic" / "X2"
+    lr_dir.mkdir(parents=True)
+    shipped = np.random.default_rng(1).integers(0, 256, (13, 17, 3), dtype=np.uint8)
+    Image.fromarray(shipped).save(lr_dir / name)
+    bench = Benchmark("Tiny", 2)
+    assert bench.lr_path(bench.hr_paths[0]) == lr_dir / name
+    assert np.array_equal(bench[0].lr, shipped)
+    assert not list((tiny_benchmark / "cache").glob("lr/x2/a-*.png"))
+
+
 def test_unknown_set_and_missing_root_are_explained(tiny_benchmark, monkeypatch):
     with pytest.raises(FileNotFoundError, match="Tiny"):
         Benchmark("Set5", 2)

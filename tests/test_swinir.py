@@ -152,6 +152,19 @@ def test_oracle_detects_a_wrong_shift(official_checkpoint):
         assert (model(x).double() - oracle_forward(state, x, config)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda state: {"state_dict": {f"module.{k}": v for k, v in state.items()}},  # DataParallel-saved training state
+    lambda state: {"model": state},
+    lambda state: dict(state),  # a bare state dict
+], ids=["state_dict+module.", "model", "bare"])
+def test_kair_and_basicsr_layouts_load_the_same_model(tmp_path, official_checkpoint, wrap):
+    path, state, _ = official_checkpoint
+    torch.save(wrap(state), tmp_path / "variant.pth")
+    variant, official = load_model(tmp_path / "variant.pth"), load_model(path)
+    for (name, value), (_, expected) in zip(variant.state_dict().items(), official.state_dict().items()):
+        assert torch.equal(value, expected), name
+
+
 def test_config_inferred_from_weights(tmp_path):
     config = SwinIRConfig(scale=3, embed_dim=24, depths=(2, 3), num_heads=(3, 4), window_size=4, mlp_ratio=1.5)
     path = tmp_path / "small.pth"
