@@ -117,7 +117,8 @@ class WindowAttention(nn.Module):
 
     def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N), W windows per image (or 1 for all)."""
-        attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))
+        k_t, v = k.transpose(-2, -1).contiguous(), v.contiguous()  # the copies bmm would make, made once
+        attn = self.matmul_qk(q * self.scale, k_t)
         attn = (attn.view(-1, bias.shape[0], *attn.shape[1:]) + bias).view(attn.shape)
         return self.matmul_av(attn.softmax(dim=-1), v)
 
