@@ -191,7 +191,11 @@ class QuantLinear(nn.Module):
         self.weight = FakeQuantizer(WEIGHT, config.w_bits, linear.out_features if config.per_channel_weights else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(x), self.weight(self.linear.weight), self.linear.bias)
+        return self.project(self.act(x))
+
+    def project(self, x_q: torch.Tensor) -> torch.Tensor:
+        """The layer on an input already through ``act``."""
+        return F.linear(x_q, self.weight(self.linear.weight), self.linear.bias)
 
 
 class SplitQuantLinear(nn.Module):
@@ -210,7 +214,20 @@ class SplitQuantLinear(nn.Module):
         self.parts = parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([getattr(self, name)(x) for name in self.parts], dim=-1)
+        """Without autograd, input quantizers that give the same output (see :func:`quantize_alike`)
+        quantize ``x`` once; otherwise each part quantizes it, and training gives each its own gradient."""
+        parts = [getattr(self, name) for name in self.parts]
+        if not torch.is_grad_enabled() and quantize_alike([part.act for part in parts]):
+            x_q = parts[0].act(x)
+            return torch.cat([part.project(x_q) for part in parts], dim=-1)
+        return torch.cat([part(x) for part in parts], dim=-1)
+
+
+def quantize_alike(group: list[FakeQuantizer]) -> bool:
+    """True when the quantizers, all in quantize mode and unhooked, have the same bits and bounds."""
+    first = group[0]
+    return all(q.mode == "quantize" and not (q._forward_hooks or q._forward_pre_hooks) and q.bits == first.bits
+               and torch.equal(q.lower, first.lower) and torch.equal(q.upper, first.upper) for q in group)
 
 
 class QuantMatMul(nn.Module):

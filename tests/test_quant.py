@@ -312,3 +312,31 @@ def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_
     assert torch.equal(chunked, whole)
     set_mode(qmodel, "observe")
     assert not qmodel.layers[0].blocks[0].attn.matmul_qk.sliceable  # calibration sees whole tensors
+
+
+def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_and_patches):
+    """Inference quantizes the shared q/k/v input once when the three input quantizers have the same
+    bits and bounds (same output as three times); different bounds, or autograd, quantize per part."""
+    model, patches = tiny_model_and_patches
+    qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
+    qkv = qmodel.layers[0].blocks[0].attn.qkv
+    calls = []
+    for name in qkv.parts:
+        act = getattr(qkv, name).act
+        act.forward = (lambda forward, name: lambda x: calls.append(name) or forward(x))(act.forward, name)
+    with torch.no_grad():
+        shared = qmodel(patches)
+    assert calls == ["q"]
+    qkv.k.act.register_forward_hook(lambda *args: None)  # a hooked quantizer must see its input: per part
+    with torch.no_grad():
+        assert torch.equal(qmodel(patches), shared)
+    assert calls[1:] == ["q", "k", "v"]
+    qkv.k.act._forward_hooks.clear()
+    calls.clear()
+    qmodel(patches).sum().backward()  # training: each quantizer gets its own gradient
+    assert calls == ["q", "k", "v"] and qkv.k.act.upper.grad is not None
+    qkv.k.act.set_bounds(qkv.k.act.lower * 0.5, qkv.k.act.upper)
+    calls.clear()
+    with torch.no_grad():
+        assert not torch.equal(qmodel(patches), shared)
+    assert calls == ["q", "k", "v"]
