@@ -31,6 +31,7 @@ FP_BITS = 32
 PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
+CACHE_VERSION = 1  # raise it with any change to the numbers a cell or a calibrated model holds: old ones are then not reused
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
@@ -58,12 +59,12 @@ def model_id(source: str | Path, model: nn.Module) -> str:
 
 
 class ResultsCache:
-    """Cells and quantized models under ``folder/cache`` (CSV per cell, ``.pt`` per quantized model).
-    ``train_folder``: HR images for calibration and bound training (default ``<data>/train``);
-    another folder gets its own sub-cache."""
+    """Cells and quantized models under ``folder/cache/v<CACHE_VERSION>`` (CSV per cell, ``.pt`` per
+    quantized model). ``train_folder``: HR images for calibration and bound training (default
+    ``<data>/train``); another folder gets its own sub-cache."""
 
     def __init__(self, folder: str | Path, train_folder: str | Path | None = None):
-        self.folder = Path(folder) / "cache"
+        self.folder = Path(folder) / "cache" / f"v{CACHE_VERSION}"
         self.train_folder = train_folder
         if train_folder is not None:
             digest = hashlib.sha256(str(Path(train_folder).resolve()).encode()).hexdigest()[:10]

@@ -68,7 +68,10 @@ def test_cells_are_computed_once_and_reused(tiny_checkpoint, tmp_path, monkeypat
                          progress=False)
     assert len(calls) == 3  # nothing recomputed
     pd.testing.assert_frame_equal(grid, again)
-    assert len(list((tmp_path / "cache" / "quantized").glob("*.pt"))) == 1
+    assert len(list((ResultsCache(tmp_path).folder / "quantized").glob("*.pt"))) == 1
+    monkeypatch.setattr(results, "CACHE_VERSION", results.CACHE_VERSION + 1)  # numbers made by older code
+    results_grid([tiny_checkpoint], [4], ["minmax"], ["Set5"], out=tmp_path, limit=1, progress=False)
+    assert len(calls) == 4  # are not reused
     with pytest.raises(ValueError, match="unknown method"):
         results_grid([tiny_checkpoint], [4], ["nope"], ["Set5"], out=tmp_path)
 
@@ -81,7 +84,7 @@ def test_preset_overrides_are_separate_cells(tiny_checkpoint, tmp_path, monkeypa
     b = cache.scores(tiny_checkpoint, "dqc", 4, "Set5", limit=1, progress=False, iterations=3, batch_size=2,
                      patch_size=16)
     assert a["preset"].iloc[0] != b["preset"].iloc[0]
-    assert len(list((tmp_path / "cache" / "cells").rglob("*.csv"))) == 2
+    assert len(list((cache.folder / "cells").rglob("*.csv"))) == 2
 
 
 def test_table_cli(tiny_checkpoint, tmp_path, monkeypatch, capsys):
