@@ -116,9 +116,10 @@ def main() -> None:
             evaluate(net, ["Set5"], model.config.scale, progress=False)
             rounds[name].append(time.perf_counter() - start)
     fp, fq = (statistics.median(rounds[name]) for name in nets)
+    per_round = [q / f for f, q in zip(*rounds.values())]
     print(f"Set5 x{model.config.scale} evaluation (median of {args.rounds} alternating rounds): FP {fp:.1f} s, "
           f"fake-quantized ({qlabel}) {fq:.1f} s   ratio {fq / fp:.2f}x   target 1.5x   "
-          f"(per round: {', '.join(f'{q / f:.2f}x' for f, q in zip(*rounds.values()))})")
+          f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x)")
 
 
 if __name__ == "__main__":
