@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .swinir import has_hooks
+
 MIN_BITS, MAX_BITS = 2, 8
 MIN_RANGE = 1e-6  # u is raised to l + MIN_RANGE when u <= l + MIN_RANGE: never a zero or negative step
 
@@ -214,19 +216,25 @@ class SplitQuantLinear(nn.Module):
         self.parts = parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Without autograd, input quantizers that give the same output (see :func:`quantize_alike`)
-        quantize ``x`` once; otherwise each part quantizes it, and training gives each its own gradient."""
+        """Training (or a hooked part): each part quantizes ``x`` (its own gradient). Otherwise, when the input
+        quantizers give one tensor (off, observing, or quantizing alike: :func:`quantize_alike`), it runs
+        as the FP layer does, one matmul with the stacked (quantized) weights: the same values, faster."""
         parts = [getattr(self, name) for name in self.parts]
-        if not torch.is_grad_enabled() and quantize_alike([part.act for part in parts]):
-            x_q = parts[0].act(x)
-            return torch.cat([part.project(x_q) for part in parts], dim=-1)
-        return torch.cat([part(x) for part in parts], dim=-1)
+        acts = [part.act for part in parts]
+        if torch.is_grad_enabled() or any(has_hooks(part) for part in parts):
+            return torch.cat([part(x) for part in parts], dim=-1)
+        inputs = [acts[0](x)] * len(acts) if quantize_alike(acts) else [act(x) for act in acts]
+        if any(x_q is not inputs[0] for x_q in inputs):
+            return torch.cat([part.project(x_q) for part, x_q in zip(parts, inputs)], dim=-1)
+        weight = torch.cat([part.weight(part.linear.weight) for part in parts])
+        bias = None if parts[0].linear.bias is None else torch.cat([part.linear.bias for part in parts])
+        return F.linear(inputs[0], weight, bias)
 
 
 def quantize_alike(group: list[FakeQuantizer]) -> bool:
     """True when the quantizers, all in quantize mode and unhooked, have the same bits and bounds."""
     first = group[0]
-    return all(q.mode == "quantize" and not (q._forward_hooks or q._forward_pre_hooks) and q.bits == first.bits
+    return all(q.mode == "quantize" and not has_hooks(q) and q.bits == first.bits
                and torch.equal(q.lower, first.lower) and torch.equal(q.upper, first.upper) for q in group)
 
 
@@ -242,8 +250,7 @@ class QuantMatMul(nn.Module):
     @property
     def sliceable(self) -> bool:
         """False while a quantizer observes or is hooked (it must see whole tensors): see ``swinir.is_sliceable``."""
-        return all(m.mode != "observe" and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (getattr(self, name) for name in self.names))
+        return all(m.mode != "observe" and not has_hooks(m) for m in (getattr(self, name) for name in self.names))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa, qb = (getattr(self, name) for name in self.names)

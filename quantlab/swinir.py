@@ -147,7 +147,12 @@ def is_sliceable(module: nn.Module) -> bool:
     """True when running ``module`` on slices of the window batch gives the slices of its output: no
     hooks, and a wrapped matmul (e.g. quantized) does not declare ``sliceable = False`` (as one that
     observes whole tensors for calibration does)."""
-    return not (module._forward_hooks or module._forward_pre_hooks) and getattr(module, "sliceable", True)
+    return not has_hooks(module) and getattr(module, "sliceable", True)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when forward (pre-)hooks are registered on ``module`` itself: it must then be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class Mlp(nn.Module):

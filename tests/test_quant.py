@@ -316,7 +316,8 @@ def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_
 
 def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_and_patches):
     """Inference quantizes the shared q/k/v input once when the three input quantizers have the same
-    bits and bounds (same output as three times); different bounds, or autograd, quantize per part."""
+    bits and bounds, and runs one matmul (same output as three parts); hooks, different bounds, or
+    autograd run the parts."""
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     qkv = qmodel.layers[0].blocks[0].attn.qkv
@@ -332,6 +333,12 @@ def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_
         assert torch.equal(qmodel(patches), shared)
     assert calls[1:] == ["q", "k", "v"]
     qkv.k.act._forward_hooks.clear()
+    hooked = []
+    qkv.v.register_forward_hook(lambda module, args, out: hooked.append(out.shape))  # a hooked part runs itself
+    with torch.no_grad():
+        assert torch.equal(qmodel(patches), shared)
+    assert len(hooked) == 1
+    qkv.v._forward_hooks.clear()
     calls.clear()
     qmodel(patches).sum().backward()  # training: each quantizer gets its own gradient
     assert calls == ["q", "k", "v"] and qkv.k.act.upper.grad is not None
