@@ -3,7 +3,8 @@
     python benchmarks/quant_speed.py [--model default-x2|PATH] [--bits 4] [--rounds 3] [--quantized FILE]
 
 Prints: whole-model DOBI on 32 LR patches 3x64x64 (target <= 10 s, peak RSS <= 4 GiB) beside one FP
-forward pass of that batch (the pass DOBI observes); the time of the per-tensor search on the
+forward pass of that batch (the pass DOBI observes), in alternating rounds after a full-size warm-up;
+the time of the per-tensor search on the
 distinct tensors of the first Swin block, as a per-candidate loop, batched exact, and batched on a
 histogram of a sample with the model-level defaults (no extrapolation to the whole model); and Set5
 inference time of the quantized (the DOBI one, or ``--quantized FILE``) vs the FP model in
@@ -61,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default-x2")
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating FP / fake-quantized Set5 rounds")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of DOBI / FP forward, and of FP / fake-quantized Set5")
     parser.add_argument("--quantized", default=None,
                         help="evaluate this quantized-model file ('quantlab quantize') instead of the DOBI model")
     args = parser.parse_args()
@@ -69,20 +71,24 @@ def main() -> None:
     patches = calibration_patches(n=32, size=64, scale=model.config.scale)
     print(f"model: {label}; threads: {torch.get_num_threads()}; calibration batch {tuple(patches.shape)}")
 
-    calibrate.dobi(quantize(model, QuantConfig(bits=args.bits)), patches[:2])  # warm-up
-    qmodel = quantize(model, QuantConfig(bits=args.bits))
-    start = time.perf_counter()
-    calibrate.dobi(qmodel, patches, mode="paper")
-    dobi_seconds = time.perf_counter() - start
+    calibrate.dobi(quantize(model, QuantConfig(bits=args.bits)), patches)  # warm-up at full size: heap, MKL
+    runs = {"DOBI": [], "forward": []}
+    for _ in range(args.rounds):  # alternating, so that both see the same machine load
+        qmodel = quantize(model, QuantConfig(bits=args.bits))
+        start = time.perf_counter()
+        calibrate.dobi(qmodel, patches, mode="paper")
+        runs["DOBI"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(patches)
+        runs["forward"].append(time.perf_counter() - start)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"DOBI whole model (384 quantizers, histogram scoring): {dobi_seconds:.1f} s   target 10 s   "
-          f"ratio {dobi_seconds / 10:.2f}")
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(patches)
-    forward_seconds = time.perf_counter() - start
-    print(f"  baseline: one FP forward of the same batch {forward_seconds:.1f} s (DOBI / forward "
-          f"{dobi_seconds / forward_seconds:.2f}); DOBI needs one pass over FP activations")
+    dobi_seconds, forward_seconds = (statistics.median(runs[name]) for name in runs)
+    print(f"DOBI whole model (384 quantizers, histogram scoring), median of {args.rounds}: {dobi_seconds:.1f} s   "
+          f"target 10 s   ratio {dobi_seconds / 10:.2f}   (runs: {', '.join(f'{t:.1f}' for t in runs['DOBI'])} s)")
+    print(f"  baseline: one FP forward of the same batch, median {forward_seconds:.1f} s (runs: "
+          f"{', '.join(f'{t:.1f}' for t in runs['forward'])} s); DOBI / forward per round: "
+          f"{', '.join(f'{d / f:.2f}' for d, f in zip(*runs.values()))}. DOBI needs one pass over FP activations")
     print(f"peak RSS of this process so far: {peak_gib:.2f} GiB   target 4 GiB   ratio {peak_gib / 4:.2f}")
 
     tensors = first_block_tensors(qmodel, patches)
