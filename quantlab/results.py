@@ -31,7 +31,7 @@ FP_BITS = 32
 PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
-CACHE_VERSION = 1  # raise it with any change to the numbers a cell or a calibrated model holds: old ones are then not reused
+CACHE_VERSION = 1  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
