@@ -328,17 +328,17 @@ def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_
     with torch.no_grad():
         shared = qmodel(patches)
     assert calls == ["q"]
-    qkv.k.act.register_forward_hook(lambda *args: None)  # a hooked quantizer must see its input: per part
+    handle = qkv.k.act.register_forward_hook(lambda *args: None)  # a hooked quantizer must see its input
     with torch.no_grad():
         assert torch.equal(qmodel(patches), shared)
     assert calls[1:] == ["q", "k", "v"]
-    qkv.k.act._forward_hooks.clear()
+    handle.remove()
     hooked = []
-    qkv.v.register_forward_hook(lambda module, args, out: hooked.append(out.shape))  # a hooked part runs itself
+    handle = qkv.v.register_forward_hook(lambda module, args, out: hooked.append(out.shape))  # a hooked part runs
     with torch.no_grad():
         assert torch.equal(qmodel(patches), shared)
     assert len(hooked) == 1
-    qkv.v._forward_hooks.clear()
+    handle.remove()
     calls.clear()
     qmodel(patches).sum().backward()  # training: each quantizer gets its own gradient
     assert calls == ["q", "k", "v"] and qkv.k.act.upper.grad is not None
