@@ -4,11 +4,10 @@
 
 Prints: whole-model DOBI on 32 LR patches 3x64x64 (target <= 10 s, peak RSS <= 4 GiB) beside one FP
 forward pass of that batch (the pass DOBI observes), in alternating rounds after a full-size warm-up;
-the time of the per-tensor search on the
-distinct tensors of the first Swin block, as a per-candidate loop, batched exact, and batched on a
-histogram of a sample with the model-level defaults (no extrapolation to the whole model); and Set5
-inference time of the quantized (the DOBI one, or ``--quantized FILE``) vs the FP model in
-alternating rounds (target <= 1.5x).
+the time of the per-tensor search on the distinct tensors of the first Swin block, as a per-candidate
+loop, batched exact, and batched on a histogram of a sample with the model-level defaults (no
+extrapolation to the whole model); and Set5 inference time of the quantized (the DOBI one, or
+``--quantized FILE``) vs the FP model in alternating rounds (target <= 1.5x).
 """
 from __future__ import annotations
 

@@ -220,9 +220,9 @@ class SplitQuantLinear(nn.Module):
         quantizers give one tensor (off, observing, or quantizing alike: :func:`quantize_alike`), it runs
         as the FP layer does, one matmul with the stacked (quantized) weights: the same values, faster."""
         parts = [getattr(self, name) for name in self.parts]
-        acts = [part.act for part in parts]
         if torch.is_grad_enabled() or any(has_hooks(part) for part in parts):
             return torch.cat([part(x) for part in parts], dim=-1)
+        acts = [part.act for part in parts]
         inputs = [acts[0](x)] * len(acts) if quantize_alike(acts) else [act(x) for act in acts]
         if any(x_q is not inputs[0] for x_q in inputs):
             return torch.cat([part.project(x_q) for part, x_q in zip(parts, inputs)], dim=-1)
