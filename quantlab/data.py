@@ -17,7 +17,7 @@ from PIL import Image
 from platformdirs import user_cache_dir
 
 from .files import atomic_path
-from .imresize import bicubic_downsample
+from .imresize import BICUBIC_VERSION, bicubic_downsample
 
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
 SUBSETS = {"Urban100": 100, "Manga109": 109}  # full sizes, for marking subsets in tables
@@ -70,9 +70,10 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def cached_lr(hr_path: Path, scale: int) -> np.ndarray:
-    """MATLAB-bicubic LR of ``modcrop(HR, scale)``, computed once and cached on disk by content hash."""
+    """MATLAB-bicubic LR of ``modcrop(HR, scale)``, computed once and cached on disk by content hash,
+    under ``lr/v<BICUBIC_VERSION>`` (LR images made by an older bicubic are not reused)."""
     digest = hashlib.sha1(hr_path.read_bytes()).hexdigest()[:16]
-    path = cache_dir() / "lr" / f"x{scale}" / f"{hr_path.stem}-{digest}.png"
+    path = cache_dir() / "lr" / f"v{BICUBIC_VERSION}" / f"x{scale}" / f"{hr_path.stem}-{digest}.png"
     if path.is_file():
         return read_image(path)
     lr = bicubic_downsample(read_image(hr_path), scale)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 KERNEL_WIDTH = 4.0  # support of the cubic kernel, in input pixels at scale 1
+BICUBIC_VERSION = 1  # raise with any change to the pixels bicubic_downsample makes: cached LR images are remade
 
 
 def cubic(x: np.ndarray) -> np.ndarray:

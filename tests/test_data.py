@@ -22,8 +22,18 @@ def tiny_benchmark(tmp_path, monkeypatch):
 def test_missing_lr_is_generated_cached_and_hr_cropped(tiny_benchmark):
     pair = Benchmark("Tiny", 4)[0]
     assert pair.lr.shape == (6, 8, 3) and pair.hr.shape == (24, 32, 3)
-    assert list((tiny_benchmark / "cache" / "lr" / "x4").glob("a-*.png"))
+    assert list((tiny_benchmark / "cache" / "lr" / "v1" / "x4").glob("a-*.png"))
     assert np.array_equal(Benchmark("Tiny", 4)[0].lr, pair.lr)
+
+
+def test_lr_cache_of_an_older_bicubic_is_not_reused(tiny_benchmark, monkeypatch):
+    pair = Benchmark("Tiny", 4)[0]
+    (cached,) = (tiny_benchmark / "cache" / "lr" / "v1" / "x4").glob("a-*.png")
+    Image.fromarray(np.zeros_like(pair.lr)).save(cached)  # what an older bicubic made
+    assert not Benchmark("Tiny", 4)[0].lr.any()
+    monkeypatch.setattr("quantlab.data.BICUBIC_VERSION", 2)
+    assert np.array_equal(Benchmark("Tiny", 4)[0].lr, pair.lr)
+    assert list((tiny_benchmark / "cache" / "lr" / "v2" / "x4").glob("a-*.png"))
 
 
 def test_grayscale_becomes_three_channels(tiny_benchmark):
@@ -50,7 +60,7 @@ def test_shipped_lr_is_read_under_either_naming(tiny_benchmark, name):
     bench = Benchmark("Tiny", 2)
     assert bench.lr_path(bench.hr_paths[0]) == lr_dir / name
     assert np.array_equal(bench[0].lr, shipped)
-    assert not list((tiny_benchmark / "cache").glob("lr/x2/a-*.png"))
+    assert not list((tiny_benchmark / "cache").glob("lr/**/a-*.png"))
 
 
 def test_unknown_set_and_missing_root_are_explained(tiny_benchmark, monkeypatch):
