@@ -123,19 +123,18 @@ class WindowAttention(nn.Module):
         return self.matmul_av(attn.softmax(dim=-1), v)
 
     def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """:meth:`explicit_attention` over ``ATTENTION_CHUNK`` windows at a time (of each image when the
-        bias differs per window), concatenated: the same values, ~1.5x faster on CPU."""
-        windows = bias.shape[0]
-        if windows == 1:
-            parts = zip(q.split(ATTENTION_CHUNK), k.split(ATTENTION_CHUNK), v.split(ATTENTION_CHUNK))
-            return torch.cat([self.explicit_attention(*qkv, bias) for qkv in parts])
-        per_image = [t.view(-1, windows, *t.shape[1:]) for t in (q, k, v)]  # (B, W, heads, N, d)
-        out = []
-        for start in range(0, windows, ATTENTION_CHUNK):
-            part = [t[:, start:start + ATTENTION_CHUNK].flatten(0, 1) for t in per_image]
-            chunk_bias = bias[start:start + ATTENTION_CHUNK]
-            out.append(self.explicit_attention(*part, chunk_bias).view(-1, chunk_bias.shape[0], *q.shape[1:]))
-        return torch.cat(out, dim=1).flatten(0, 1)
+        """:meth:`explicit_attention` over runs of at most ``ATTENTION_CHUNK`` windows, concatenated: the
+        same values, ~1.5x faster on CPU. A run holds whole images when an image has fewer windows (a
+        batch of patches), else consecutive windows of one image with their rows of a per-window bias."""
+        windows, rows = bias.shape[0], q.shape[0]
+        if windows <= ATTENTION_CHUNK:  # also the unshifted case, one bias for all windows
+            step = ATTENTION_CHUNK // windows * windows
+            runs = [(slice(start, start + step), slice(None)) for start in range(0, rows, step)]
+        else:
+            runs = [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)),
+                     slice(start, start + ATTENTION_CHUNK))
+                    for image in range(0, rows, windows) for start in range(0, windows, ATTENTION_CHUNK)]
+        return torch.cat([self.explicit_attention(q[run], k[run], v[run], bias[part]) for run, part in runs])
 
 
 def is_plain(module: nn.Module) -> bool:

@@ -288,22 +288,26 @@ def test_nan_calibration_data_is_refused(tiny_model_and_patches):
         calibrate.minmax(quantize(model), bad)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, batch):
-    """Inference runs the quantized attention ATTENTION_CHUNK windows at a time (with and without
+@pytest.mark.parametrize("batch, windows, chunks", [
+    (1, (9, 10), [64, 26]),  # an image of more windows than a chunk: runs of its windows
+    (2, (9, 10), [64, 26, 64, 26]),
+    (9, (4, 4), [64, 64, 16]),  # a batch of patches of 16 windows each: runs of 4 whole patches
+], ids=["one-image", "two-images", "patches"])
+def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, batch, windows, chunks):
+    """Inference runs the quantized attention at most ATTENTION_CHUNK windows at a time (with and without
     the shift mask, one or several images); a hook forces the whole-batch path: same values."""
     from quantlab import swinir
 
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
-    x = torch.rand(batch, 3, 4 * 9, 4 * 10, generator=torch.Generator().manual_seed(2))  # 90 windows of 4x4 > 64
-    assert 9 * 10 > swinir.ATTENTION_CHUNK
+    x = torch.rand(batch, 3, 4 * windows[0], 4 * windows[1], generator=torch.Generator().manual_seed(2))
+    assert swinir.ATTENTION_CHUNK == 64  # windows of 4x4 pixels in the tiny model
     attn = qmodel.layers[0].blocks[1].attn  # a shifted block
-    explicit, chunks = attn.explicit_attention, []
-    attn.explicit_attention = lambda *a: chunks.append(a[0].shape[0]) or explicit(*a)
+    explicit, seen = attn.explicit_attention, []
+    attn.explicit_attention = lambda *a: seen.append(a[0].shape[0]) or explicit(*a)
     with torch.no_grad():
         chunked = qmodel(x)
-    assert chunks == [batch * 64, batch * 26]  # the shifted block ran in two chunks of windows
+    assert seen == chunks
     for layer in qmodel.layers:
         for block in layer.blocks:
             block.attn.matmul_av.register_forward_hook(lambda *args: None)
