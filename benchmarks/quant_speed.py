@@ -82,12 +82,13 @@ def main() -> None:
             model(patches)
         runs["forward"].append(time.perf_counter() - start)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    dobi_seconds, forward_seconds = (statistics.median(runs[name]) for name in runs)
+    dobi_seconds, forward_seconds = statistics.median(runs["DOBI"]), statistics.median(runs["forward"])
     print(f"DOBI whole model (384 quantizers, histogram scoring), median of {args.rounds}: {dobi_seconds:.1f} s   "
           f"target 10 s   ratio {dobi_seconds / 10:.2f}   (runs: {', '.join(f'{t:.1f}' for t in runs['DOBI'])} s)")
     print(f"  baseline: one FP forward of the same batch, median {forward_seconds:.1f} s (runs: "
           f"{', '.join(f'{t:.1f}' for t in runs['forward'])} s); DOBI / forward per round: "
-          f"{', '.join(f'{d / f:.2f}' for d, f in zip(*runs.values()))}. DOBI needs one pass over FP activations")
+          f"{', '.join(f'{d / f:.2f}' for d, f in zip(runs['DOBI'], runs['forward']))}. "
+          "DOBI needs one pass over FP activations")
     print(f"peak RSS of this process so far: {peak_gib:.2f} GiB   target 4 GiB   ratio {peak_gib / 4:.2f}")
 
     tensors = first_block_tensors(qmodel, patches)
