@@ -79,11 +79,11 @@ def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=32)
 def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int, device: torch.device) -> torch.Tensor:
     """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
-    tensor of this shape and strides; the same picks for every tensor of the layout, drawn once."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    picks = torch.randint(math.prod(shape), (sample,), generator=generator, device=device)
+    tensor of this shape and strides; the same picks for every tensor of the layout, drawn once, on the
+    CPU whatever ``device`` (a CUDA generator draws another sequence: bounds would depend on the device)."""
+    picks = torch.randint(math.prod(shape), (sample,), generator=torch.Generator().manual_seed(0))
     index = torch.unravel_index(picks, shape)
-    return sum(i * stride for i, stride in zip(index, strides)).sort().values
+    return sum(i * stride for i, stride in zip(index, strides)).sort().values.to(device)
 
 
 @torch.no_grad()

@@ -207,12 +207,13 @@ class SplitQuantLinear(nn.Module):
         super().__init__()
         rows = linear.out_features // len(parts)
         for i, name in enumerate(parts):
-            part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None)
+            part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None,
+                             device=linear.weight.device, dtype=linear.weight.dtype)
             with torch.no_grad():
                 part.weight.copy_(linear.weight[i * rows:(i + 1) * rows])
                 if linear.bias is not None:
                     part.bias.copy_(linear.bias[i * rows:(i + 1) * rows])
-            self.add_module(name, QuantLinear(part.to(linear.weight.device), LINEAR_INPUT, config))
+            self.add_module(name, QuantLinear(part, LINEAR_INPUT, config))
         self.parts = parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,10 +259,11 @@ class QuantMatMul(nn.Module):
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """A fake-quantized copy of a SwinIR(-light) model (the FP model is untouched); 16 quantizers
-    per Swin block, 384 for SwinIR-light. Bounds start at (-1, 1): calibrate before use."""
+    """A fake-quantized copy of a SwinIR(-light) model (the FP model is untouched), on the model's device;
+    16 quantizers per Swin block, 384 for SwinIR-light. Bounds start at (-1, 1): calibrate before use."""
     config = config or QuantConfig()
     qmodel = copy.deepcopy(model)
+    device = next(model.parameters()).device
     for layer in qmodel.layers:
         for block in layer.blocks:
             attn, mlp = block.attn, block.mlp
@@ -272,7 +274,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             attn.matmul_qk = QuantMatMul(("q", "k"), (QUERY, KEY), config)
             attn.matmul_av = QuantMatMul(("attn", "v"), (POST_SOFTMAX, VALUE), config)
     qmodel.quant_config = config
-    return qmodel
+    return qmodel.to(device)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:

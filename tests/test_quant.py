@@ -138,6 +138,18 @@ def test_quantize_is_exported_at_the_top_level():
     assert quantlab.quantize is quantize and quantlab.QuantConfig is QuantConfig
 
 
+def test_quantized_copy_is_on_the_fp_models_device():
+    """``meta`` stands in for a GPU: the new quantizers' bounds go where the model's weights are."""
+    qmodel = quantize(SwinIR(TINY).to("meta"))
+    assert {p.device.type for p in qmodel.parameters()} == {"meta"}
+
+
+def test_dobi_sample_positions_are_drawn_on_the_cpu_for_every_device():
+    """A device's own generator would draw other positions (and ``meta`` has none): same bounds everywhere."""
+    x = torch.empty(8, 16, 10, device="meta")
+    assert calibrate.sample_values(x, 100).device.type == "meta"
+
+
 def test_quantizers_off_reproduce_the_fp_model():
     model = SwinIR(TINY).eval()
     qmodel = quantize(model)
