@@ -211,7 +211,7 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     path = Path(checkpoint) if checkpoint else None
     fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths]) if path else None
     if path and path.is_file():
-        saved = torch.load(path, map_location=device, weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG state must stay on the CPU
         differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)
         if differing:
             raise ValueError(f"{path} is the DQC checkpoint of another run (it differs in {'; '.join(differing)}): "

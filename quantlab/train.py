@@ -112,7 +112,7 @@ class Trainer:
             torch.save(self.state(), tmp)
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)  # RNG state must stay on the CPU
         saved_scale = state["config"]["scale"]
         if saved_scale != self.config.scale:
             raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; use another --out for x{self.config.scale}")

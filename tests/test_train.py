@@ -74,3 +74,12 @@ def test_resume_with_another_ema_setting_is_refused(train_folder, tmp_path, monk
     Trainer(tiny_config(train_folder, steps=1, ema_decay=0), tmp_path / "run").run(progress=False)
     with pytest.raises(ValueError, match="same --ema"):
         Trainer(tiny_config(train_folder, steps=1), tmp_path / "run")
+
+
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # loading into meta is a no-op
+def test_a_checkpoint_resumes_on_another_device(train_folder, tmp_path, monkeypatch):
+    """``meta`` stands in for a GPU: the saved RNG state must come back as a CPU tensor."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    Trainer(tiny_config(train_folder, steps=2), tmp_path / "run").run(progress=False)
+    resumed = Trainer(tiny_config(train_folder, steps=2), tmp_path / "run", device="meta")
+    assert resumed.step == 2 and next(resumed.model.parameters()).device.type == "meta"
