@@ -145,8 +145,8 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
 
 def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
                      **options) -> nn.Module:
-    """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes
-    from ``<path>.dqc.pt``, which is removed once the quantized-model file is written."""
+    """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes from ``path`` with
+    the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written."""
     path = Path(path)
     checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
     qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)

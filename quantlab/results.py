@@ -86,7 +86,7 @@ class ResultsCache:
                   **overrides) -> nn.Module:
         """The calibrated model of ``method`` at ``bits`` (W and A): loaded when cached, else
         calibrated with :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from
-        ``<file>.dqc.pt``). ``overrides`` (e.g. DQC ``iterations``, ``dobi_mode``) are part of the file name.
+        its ``.dqc.pt`` twin). ``overrides`` (e.g. DQC ``iterations``, ``dobi_mode``) are part of the file name.
         ``dqc`` and ``2dquant`` start from the cached MinMax / DOBI model (in the same DOBI mode), made first
         if missing."""
         fp, mid = self.fp_model(source)
