@@ -145,7 +145,8 @@ def test_quantized_copy_is_on_the_fp_models_device():
 
 
 def test_dobi_sample_positions_are_drawn_on_the_cpu_for_every_device():
-    """A device's own generator would draw other positions (and ``meta`` has none): same bounds everywhere."""
+    """Drawn by the CPU generator whatever the device (a GPU's generator would draw other positions, hence
+    other bounds); ``meta``, which has no generator, stands in for the GPU."""
     x = torch.empty(8, 16, 10, device="meta")
     assert calibrate.sample_values(x, 100).device.type == "meta"
 
