@@ -63,12 +63,13 @@ class Setup(NamedTuple):
 def setup(model: str | Path | nn.Module, quick: bool = True, bits: int = 4, seed: int = 0,
           train: str | Path | None = None, threads: int | None = None, full_patches: int = 32) -> Setup:
     """The analysis notebooks' start: ``threads`` torch threads (None: torch's default), the global
-    seed, the FP model (weights path, embedded name or module) and seeded calibration patches from
-    ``train`` (default ``<data>/train``): 4 of 3x32x32 when ``quick``, else ``full_patches`` of 3x64x64."""
+    seed, the FP model (a module, or a weights path / embedded name loaded on CUDA when available) and
+    seeded calibration patches from ``train`` (default ``<data>/train``): 4 of 3x32x32 when ``quick``,
+    else ``full_patches`` of 3x64x64."""
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    fp = load_model(model) if isinstance(model, (str, Path)) else model.eval()
+    fp = load_model(model, device=None) if isinstance(model, (str, Path)) else model.eval()
     scale = fp.config.scale
     patches = calibration_patches(n=4 if quick else full_patches, size=32 if quick else 64, scale=scale, folder=train,
                                   seed=seed)

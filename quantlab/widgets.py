@@ -57,7 +57,7 @@ def png_bytes(image: np.ndarray | Figure) -> bytes:
 class QuantizerExplorer:
     """The explorer's logic: per-tensor statistics and the SR crop with one quantizer applied.
 
-    ``model``: FP SwinIR (or a weights path / embedded name); ``patches``: the calibration batch
+    ``model``: FP SwinIR (or a weights path / embedded name, loaded on CUDA when available); ``patches``: the calibration batch
     (default ``calibration_patches(n, 48)`` from the training images); ``dataset``/``image``/``crop``:
     the benchmark image and the LR crop size (centred, or at LR ``top``/``left``); ``quantized``: a
     quantized-model file (``quantlab quantize --out``) or ``qmodel``: a quantized model, whose bounds
@@ -70,7 +70,7 @@ class QuantizerExplorer:
                  sample: int = SAMPLE, dobi_mode: str = "paper"):
         if dobi_mode not in DOBI_MODES:
             raise ValueError(f"DOBI mode must be one of {DOBI_MODES}, got {dobi_mode!r}")
-        self.model = load_model(model) if isinstance(model, (str, Path)) else model.eval()
+        self.model = load_model(model, device=None) if isinstance(model, (str, Path)) else model.eval()
         self.scale = self.model.config.scale
         if quantized is not None and qmodel is None:
             from .pipeline import load_quantized  # the pipeline pulls in DQC/CondiQuant; import on demand

@@ -165,6 +165,15 @@ def test_setup_loads_the_model_and_seeded_patches(tiny_checkpoint, train_folder)
         torch.set_num_threads(1)
 
 
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
+def test_setup_loads_a_named_model_on_the_picked_device(tiny_checkpoint, train_folder, monkeypatch):
+    """``meta`` stands in for the GPU that ``pick_device`` would choose."""
+    from quantlab import checkpoints
+    monkeypatch.setattr(checkpoints, "pick_device", lambda d: torch.device("meta" if d is None else d))
+    fp = analysis.setup(tiny_checkpoint, quick=True, train=train_folder).model
+    assert next(fp.parameters()).device.type == "meta"
+
+
 def test_sweep_settings_and_score(fp_model, patches, monkeypatch, tmp_path):
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
     quick, full = analysis.sweep_settings(quick=True), analysis.sweep_settings(quick=False)

@@ -150,3 +150,12 @@ def test_bits_summary_scores_minmax_and_dobi_at_each_bit_width(logic):
         assert row.psnr == logic.sr_psnr(name, row.bits, row.lower, row.upper)[1]
     minmax = summary[summary["bounds"] == "minmax"]
     assert (minmax["clipped_fraction"] == 0).all() and minmax["mse"].is_monotonic_decreasing
+
+
+def test_explorer_loads_a_named_model_on_the_picked_device(tiny_checkpoint, patches, monkeypatch):
+    """``device=None``: CUDA when available (the GPU cannot run here, so the call is recorded)."""
+    from quantlab import widgets
+    devices = []
+    monkeypatch.setattr(widgets, "load_model", lambda source, device="cpu": devices.append(device) or load_model(source))
+    widgets.QuantizerExplorer(tiny_checkpoint, patches=patches, crop=16)
+    assert devices == [None]
