@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=int, default=None)
     qu.add_argument("--device", default=None)
-    qu.add_argument("--out", required=True, help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
+    qu.add_argument("--out", required=True,
+                    help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
     qu.set_defaults(func=cmd_quantize)
 
     ta = sub.add_parser("table", help="a results table in the papers' layout, every cell cached")

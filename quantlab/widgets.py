@@ -57,11 +57,12 @@ def png_bytes(image: np.ndarray | Figure) -> bytes:
 class QuantizerExplorer:
     """The explorer's logic: per-tensor statistics and the SR crop with one quantizer applied.
 
-    ``model``: FP SwinIR (or a weights path / embedded name, loaded on CUDA when available); ``patches``: the calibration batch
-    (default ``calibration_patches(n, 48)`` from the training images); ``dataset``/``image``/``crop``:
-    the benchmark image and the LR crop size (centred, or at LR ``top``/``left``); ``quantized``: a
-    quantized-model file (``quantlab quantize --out``) or ``qmodel``: a quantized model, whose bounds
-    the DQC snap uses. ``dobi_mode``: ``paper`` (one-sided for post-softmax/GELU) or ``release``.
+    ``model``: FP SwinIR (or a weights path / embedded name, loaded on CUDA when available);
+    ``patches``: the calibration batch (default ``calibration_patches(n, 48)`` from the training
+    images); ``dataset``/``image``/``crop``: the benchmark image and the LR crop size (centred, or at
+    LR ``top``/``left``); ``quantized``: a quantized-model file (``quantlab quantize --out``) or
+    ``qmodel``: a quantized model, whose bounds the DQC snap uses. ``dobi_mode``: ``paper`` (one-sided
+    for post-softmax/GELU) or ``release``.
     """
 
     def __init__(self, model: nn.Module | str | Path, patches: torch.Tensor | None = None, dataset: str = "Set5",
