@@ -81,7 +81,7 @@ def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: in
     """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
     tensor of this shape and strides; the same picks for every tensor of the layout, drawn once, on the
     CPU whatever ``device`` (a CUDA generator draws another sequence: bounds would depend on the device)."""
-    picks = torch.randint(math.prod(shape), (sample,), generator=torch.Generator().manual_seed(0))
+    picks = torch.randint(math.prod(shape), (sample,), generator=torch.Generator().manual_seed(0), device="cpu")
     index = torch.unravel_index(picks, shape)
     return sum(i * stride for i, stride in zip(index, strides)).sort().values.to(device)
 
@@ -134,7 +134,7 @@ def kth_value(flat: torch.Tensor, k: int, largest: bool = False, sample: int = 2
     (never wrong, only slower)."""
     n = flat.numel()
     if n > 16 * sample:
-        picks = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0)).to(flat.device)
+        picks = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0), device="cpu").to(flat.device)
         rank = min(sample, int(4 * k / n * sample) + 16)  # ~4x the expected share, plus slack for small k
         threshold = flat[picks].kthvalue(sample + 1 - rank if largest else rank).values
         near = flat[flat >= threshold] if largest else flat[flat <= threshold]

@@ -207,8 +207,8 @@ class SplitQuantLinear(nn.Module):
         super().__init__()
         rows = linear.out_features // len(parts)
         for i, name in enumerate(parts):
-            part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+            part = nn.Linear(linear.in_features, rows, bias=linear.bias is not None)  # the CPU's RNG on any device
+            part.to(device=linear.weight.device, dtype=linear.weight.dtype)
             with torch.no_grad():
                 part.weight.copy_(linear.weight[i * rows:(i + 1) * rows])
                 if linear.bias is not None:

@@ -138,17 +138,37 @@ def test_quantize_is_exported_at_the_top_level():
     assert quantlab.quantize is quantize and quantlab.QuantConfig is QuantConfig
 
 
-def test_quantized_copy_is_on_the_fp_models_device():
-    """``meta`` stands in for a GPU: the new quantizers' bounds go where the model's weights are."""
-    qmodel = quantize(SwinIR(TINY).to("meta"))
+def test_quantized_copy_is_on_the_fp_models_device_and_dtype():
+    """``meta`` stands in for a GPU: the new quantizers' bounds go where the model's weights are, and
+    quantize() draws from the CPU's RNG on every device (the CPU stream after it is the same)."""
+    streams = []
+    for model in (SwinIR(TINY), SwinIR(TINY).to("meta")):
+        torch.manual_seed(0)
+        qmodel = quantize(model)
+        streams.append(torch.rand(4))
     assert {p.device.type for p in qmodel.parameters()} == {"meta"}
+    assert torch.equal(*streams)
+    model = SwinIR(TINY).double().eval()
+    qmodel = quantize(model)
+    set_mode(qmodel, "off")
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(qmodel(x), model(x))
 
 
-def test_dobi_sample_positions_are_drawn_on_the_cpu_for_every_device():
-    """Drawn by the CPU generator whatever the device (a GPU's generator would draw other positions, hence
-    other bounds); ``meta``, which has no generator, stands in for the GPU."""
+def test_dobi_sample_positions_are_drawn_by_the_cpu_generator_for_every_device(monkeypatch):
+    """A GPU's generator would draw other positions, hence other bounds; ``meta`` stands in for the GPU."""
+    real_randint, generators = torch.randint, []
+
+    def recording_randint(*args, generator=None, **kwargs):
+        generators.append(generator.device.type)
+        return real_randint(*args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", recording_randint)
+    calibrate._sample_offsets.cache_clear()
     x = torch.empty(8, 16, 10, device="meta")
     assert calibrate.sample_values(x, 100).device.type == "meta"
+    assert generators == ["cpu"]
 
 
 def test_quantizers_off_reproduce_the_fp_model():
