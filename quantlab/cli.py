@@ -28,6 +28,7 @@ from .train import TrainConfig, Trainer
 SCALES = (2, 3, 4)
 BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
 TEACHERS = {"fp": "original", "conditioned": "conditioned"}  # --teacher -> quantize_with(teacher=...)
+DEVICE_HELP = "cpu, cuda, ... (default: cuda when available)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
-    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--quantized", default=None, help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
     ev.add_argument("--out", default=None, help="folder for per_image.csv and summary.csv")
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=int, default=None)
-    qu.add_argument("--device", default=None)
+    qu.add_argument("--device", default=None, help=DEVICE_HELP)
     qu.add_argument("--out", required=True,
                     help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
     qu.set_defaults(func=cmd_quantize)
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-minutes", type=float, default=5.0)
     tr.add_argument("--threads", type=int, default=None)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default=None)
+    tr.add_argument("--device", default=None, help=DEVICE_HELP)
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
     tr.add_argument("--export", default=None, help="write the EMA weights here (.safetensors) at the end")
     tr.set_defaults(func=cmd_train)

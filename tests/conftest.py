@@ -10,6 +10,18 @@ def seeded_global_rng():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def mark_rng_state():
+    """``mark(path)`` gives the checkpoint at ``path`` a torch RNG state that no fresh run has (a resume
+    must restore it) and returns that state."""
+    def mark(path) -> torch.Tensor:
+        state = torch.load(path, weights_only=True)
+        state["torch_rng"] = torch.Generator().manual_seed(987).get_state()
+        torch.save(state, path)
+        return state["torch_rng"]
+    return mark
+
+
 @pytest.fixture(scope="session")
 def train_folder(tmp_path_factory):
     """Three smooth 160x160 RGB images (x2 LR 80x80 holds a 64x64 calibration patch): a training

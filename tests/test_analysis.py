@@ -165,7 +165,6 @@ def test_setup_loads_the_model_and_seeded_patches(tiny_checkpoint, train_folder)
         torch.set_num_threads(1)
 
 
-@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
 def test_setup_loads_a_named_model_on_the_picked_device(tiny_checkpoint, train_folder, monkeypatch):
     """``meta`` stands in for the GPU that ``pick_device`` would choose."""
     from quantlab import checkpoints

@@ -77,9 +77,11 @@ def test_resume_with_another_ema_setting_is_refused(train_folder, tmp_path, monk
 
 
 @pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")  # loading into meta is a no-op
-def test_a_checkpoint_resumes_on_another_device(train_folder, tmp_path, monkeypatch):
+def test_a_checkpoint_resumes_on_another_device(train_folder, tmp_path, monkeypatch, mark_rng_state):
     """``meta`` stands in for a GPU: the saved RNG state must come back as a CPU tensor."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     Trainer(tiny_config(train_folder, steps=2), tmp_path / "run").run(progress=False)
+    saved = mark_rng_state(tmp_path / "run" / "checkpoint.pt")
     resumed = Trainer(tiny_config(train_folder, steps=2), tmp_path / "run", device="meta")
-    assert resumed.step == 2 and next(resumed.model.parameters()).device.type == "meta"
+    assert resumed.step == 2 and torch.equal(torch.get_rng_state(), saved)
+
