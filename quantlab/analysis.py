@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .calibrate import flat_values, stream
-from .checkpoints import load_model
+from .checkpoints import as_model
 from .condition import ConditionConfig, condition_model, gram_matrices, linear_targets
 from .data import calibration_patches
 from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, bounds_table, quantizers
@@ -69,7 +69,7 @@ def setup(model: str | Path | nn.Module, quick: bool = True, bits: int = 4, seed
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    fp = load_model(model, device=None) if isinstance(model, (str, Path)) else model.eval()
+    fp = as_model(model)
     scale = fp.config.scale
     patches = calibration_patches(n=4 if quick else full_patches, size=32 if quick else 64, scale=scale, folder=train,
                                   seed=seed)

@@ -76,12 +76,18 @@ def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
     return memory.index_select(0, _sample_offsets(x.shape, x.stride(), sample, x.device))
 
 
+def seeded_positions(n: int, size: int) -> torch.Tensor:
+    """``size`` positions in [0, n), uniform with replacement, from a CPU generator seeded 0: the same
+    picks on every device (a CUDA generator draws another sequence)."""
+    return torch.randint(n, (size,), generator=torch.Generator().manual_seed(0), device="cpu")
+
+
 @functools.lru_cache(maxsize=32)
 def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int, device: torch.device) -> torch.Tensor:
     """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
-    tensor of this shape and strides; the same picks for every tensor of the layout, drawn once, on the
-    CPU whatever ``device`` (a CUDA generator draws another sequence: bounds would depend on the device)."""
-    picks = torch.randint(math.prod(shape), (sample,), generator=torch.Generator().manual_seed(0), device="cpu")
+    tensor of this shape and strides (:func:`seeded_positions`, the same on every device); the same picks
+    for every tensor of the layout, drawn once."""
+    picks = seeded_positions(math.prod(shape), sample)
     index = torch.unravel_index(picks, shape)
     return sum(i * stride for i, stride in zip(index, strides)).sort().values.to(device)
 
@@ -134,7 +140,7 @@ def kth_value(flat: torch.Tensor, k: int, largest: bool = False, sample: int = 2
     (never wrong, only slower)."""
     n = flat.numel()
     if n > 16 * sample:
-        picks = torch.randint(n, (sample,), generator=torch.Generator().manual_seed(0), device="cpu").to(flat.device)
+        picks = seeded_positions(n, sample).to(flat.device)
         rank = min(sample, int(4 * k / n * sample) + 16)  # ~4x the expected share, plus slack for small k
         threshold = flat[picks].kthvalue(sample + 1 - rank if largest else rank).values
         near = flat[flat >= threshold] if largest else flat[flat <= threshold]

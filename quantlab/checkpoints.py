@@ -133,6 +133,12 @@ def load_model(source: str | Path, device: str | torch.device | None = "cpu") ->
     return model.eval().to(pick_device(device))
 
 
+def as_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:
+    """``model`` in eval mode, or the model of a weights path / embedded name on the picked device
+    (CUDA when available)."""
+    return load_model(model, device=None) if isinstance(model, (str, Path)) else model.eval()
+
+
 def save_model(model: SwinIR, path: str | Path) -> None:
     """Save parameters only, in the official key layout, as ``.safetensors`` (atomic write)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

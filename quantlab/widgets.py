@@ -30,7 +30,7 @@ from torch import nn
 
 from .analysis import collect_tensors
 from .calibrate import DOBI_MODES, dobi_search, is_one_sided, quantization_error
-from .checkpoints import load_model
+from .checkpoints import as_model
 from .data import calibration_patches
 from .evaluation import super_resolve
 from .metrics import psnr
@@ -71,7 +71,7 @@ class QuantizerExplorer:
                  sample: int = SAMPLE, dobi_mode: str = "paper"):
         if dobi_mode not in DOBI_MODES:
             raise ValueError(f"DOBI mode must be one of {DOBI_MODES}, got {dobi_mode!r}")
-        self.model = load_model(model, device=None) if isinstance(model, (str, Path)) else model.eval()
+        self.model = as_model(model)
         self.scale = self.model.config.scale
         if quantized is not None and qmodel is None:
             from .pipeline import load_quantized  # the pipeline pulls in DQC/CondiQuant; import on demand
