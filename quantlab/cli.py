@@ -13,16 +13,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import methods
 from .calibrate import DOBI_MODES
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .data import Benchmark
-from .distill import PRESETS
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
-from .pipeline import METHODS, WITH_DOBI, load_quantized, quantize_to_file
+from .pipeline import load_quantized, quantize_to_file
 from .quant import MAX_BITS, MIN_BITS, quantizers
-from .reproduce import FIGURES_DIR, NOTEBOOKS, TABLE_METHODS, NotebookFailed, reproduce
-from .results import (METHOD_LABELS, caption_for, paper_layout, psnr_ssim_table, results_grid,
-                      save_table, to_markdown, write_csv_atomic)
+from .reproduce import FIGURES_DIR, NOTEBOOKS, NotebookFailed, reproduce
+from .results import (caption_for, paper_layout, psnr_ssim_table, results_grid, save_table, to_markdown,
+                      write_csv_atomic)
 from .train import TrainConfig, Trainer
 
 SCALES = (2, 3, 4)
@@ -137,17 +137,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"\nwritten: {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'per_image.csv'}")
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """The method settings given as flags (``--teacher``, ``--dobi-mode``), checked against ``--method``,
+    ``--bits`` and ``--preset`` before any computation."""
+    options = {k: v for k, v in {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode}.items()
+               if v is not None}
+    for name in options:
+        users = methods.taking(name)
+        if args.method not in users:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to --method {'/'.join(users)} only (got --method {args.method}); "
+                             f"drop {flag}")
+    methods.resolve(args.method, args.bits, args.preset, **options)
+    return options
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
-    if args.teacher and args.method != "condiquant":
-        raise ValueError(f"--teacher applies to --method condiquant only (got --method {args.method}); drop --teacher")
-    if args.dobi_mode and args.method not in WITH_DOBI:
-        raise ValueError(f"--dobi-mode applies to --method {'/'.join(WITH_DOBI)} only (got --method {args.method}); "
-                         "drop --dobi-mode")
+    options = method_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
     qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, train_folder=args.data,
-                              teacher=TEACHERS[args.teacher or "fp"], dobi_mode=args.dobi_mode)
+                              **options)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
 
@@ -212,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     qu = sub.add_parser("quantize", help="calibrate a quantized model and save its bounds")
     qu.add_argument("--model", default="default-x2", help="default-x2/x3/x4 or an FP checkpoint path")
-    qu.add_argument("--method", required=True, choices=METHODS)
+    qu.add_argument("--method", required=True, choices=methods.names(quantized=True),
+                    help="; ".join(f"{n}: {m.label}" for n, m in methods.REGISTRY.items() if m.quantized))
     qu.add_argument("--bits", type=int, default=4, choices=BITS, metavar=f"{MIN_BITS}-{MAX_BITS}",
                     help="bits of weights and activations")
-    qu.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="preset of the bound training: DQC for 2dquant/condiquant, "
+    qu.add_argument("--preset", default="quick", choices=methods.PRESETS, help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
                     help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper) or "
@@ -233,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--model", default="default-x{scale}", help="weights; {scale} is replaced per scale")
     ta.add_argument("--scales", type=int_list(SCALES), default="2")
     ta.add_argument("--bits", type=int_list(BITS), default="4,3,2")
-    ta.add_argument("--methods", default=",".join(TABLE_METHODS), help=f"from {','.join(METHOD_LABELS)}")
+    ta.add_argument("--methods", default=",".join(methods.table_rows("2dquant")),
+                    help=f"from {','.join(methods.names())}")
     ta.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
-    ta.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    ta.add_argument("--preset", default="quick", choices=methods.PRESETS)
     ta.add_argument("--limit", type=int, default=None, help="first N images of each set")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
     ta.add_argument("--threads", type=int, default=None)

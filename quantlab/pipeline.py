@@ -1,8 +1,9 @@
 """PTQ methods end to end (FP model -> calibrated quantized model) and quantized-model files.
 
-A quantized-model file is small: the bounds of every quantizer, the :class:`QuantConfig`, the
-method and preset, the SHA-256 of the FP weights it was calibrated on (loading it against a
-different FP model is refused) and, for CondiQuant, the conditioned linear weights.
+:func:`quantize_with` runs a method of the registry (:mod:`quantlab.methods`). A quantized-model
+file is small: the state of every quantizer (bounds, ...), the :class:`QuantConfig`, the method's
+resolved config, the SHA-256 of the FP weights it was calibrated on (loading it against a different
+FP model is refused) and any FP weights the method changed (CondiQuant's conditioned linear weights).
 """
 from __future__ import annotations
 
@@ -14,107 +15,100 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import calibrate
-from .condition import condition_model
-from .data import calibration_patches
-from .dbdc import dbdc_pac
+from . import methods
 from .checkpoints import weights_fingerprint
-from .distill import dqc, get_preset
+from .data import calibration_patches
 from .files import atomic_path
-from .quant import QuantConfig, quantize, quantizers
+from .methods import Calibration, MethodConfig
+from .quant import QuantConfig, quantizers
 
-METHODS = ("minmax", "percentile", "dbdc_pac", "dobi", "dqc", "2dquant", "condiquant")
-DISTILLED = ("dqc", "2dquant", "condiquant")  # methods that end with DQC
-TUNED = ("dbdc_pac",) + DISTILLED  # methods that train bounds and take a preset
-STAGE1 = {"dqc": "minmax", "2dquant": "dobi"}  # the calibration DQC starts from (2dquant: in its DOBI mode)
-WITH_DOBI = ("dobi", "2dquant", "condiquant")  # methods that run DOBI (the mode is a choice)
-CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
-CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
-FORMAT = "quantlab-quantized-v1"
-
-
-def resolve_dobi_mode(method: str, preset: str, dobi_mode: str | None = None) -> str | None:
-    """The DOBI mode ``method`` runs with: ``dobi_mode`` when given, else ``calibrate.DEFAULT_DOBI_MODE``
-    for ``dobi`` and the preset's for ``2dquant`` / ``condiquant``; None for methods without DOBI."""
-    if dobi_mode is not None and (method not in WITH_DOBI or dobi_mode not in calibrate.DOBI_MODES):
-        raise ValueError(f"a DOBI mode ({' or '.join(calibrate.DOBI_MODES)}) applies to the methods {WITH_DOBI} "
-                         f"only, got {dobi_mode!r} for method {method!r}")
-    if method not in WITH_DOBI:
-        return None
-    return dobi_mode or (calibrate.DEFAULT_DOBI_MODE if method == "dobi" else get_preset(preset).dobi_mode)
+FORMAT = "quantlab-quantized-v2"
+OLD_FORMATS = ("quantlab-quantized-v1",)  # bounds (+ CondiQuant's linear weights) only; still read
 
 
 def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str = "quick",
                   patches: torch.Tensor | None = None, config: QuantConfig | None = None,
                   train_folder: str | Path | None = None, checkpoint: str | Path | None = None,
-                  progress: bool = True, teacher: str = "original", conditioning_patches: int = CONDITIONING_PATCHES,
-                  stage1: nn.Module | None = None, dobi_mode: str | None = None, **dqc_overrides) -> nn.Module:
-    """Quantize ``fp_model`` with ``method`` at ``bits`` (W and A). ``patches``: the calibration
-    batch (default: 32 LR patches 3x64x64 from the training images, seed 0). ``dbdc_pac`` = DBDC
-    on the patches, then Pac with ``preset`` (quick or paper). ``dqc`` = MinMax, then DQC (the
-    "DQC only" ablation of 2DQuant Table 4c). ``2dquant`` = DOBI
-    (mode from the preset) then DQC with ``preset``. ``condiquant`` = conditioning of the linear
-    weights on ``conditioning_patches`` LR patches 3x32x32, then 2DQuant of the conditioned model;
-    the DQC ``teacher`` is the ``original`` FP model (default) or the ``conditioned`` one.
-    ``dobi_mode``: ``paper`` or ``release`` (:func:`quantlab.calibrate.dobi`) for the methods that run DOBI;
-    default: :func:`resolve_dobi_mode`.
-    ``stage1``: for ``dqc`` / ``2dquant``, an already calibrated quantized model of ``fp_model`` (MinMax /
-    DOBI in that mode, same config) to start DQC from instead of calibrating again (it is copied)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    dobi_mode = resolve_dobi_mode(method, preset, dobi_mode)
+                  progress: bool = True, stage1: nn.Module | None = None, **overrides) -> nn.Module:
+    """Quantize ``fp_model`` with the registered ``method`` (:mod:`quantlab.methods`) at ``bits`` (W and A).
+
+    ``preset`` (quick, paper, release) and ``overrides`` (the method's settings by name, e.g.
+    ``dobi_mode="release"``, DQC's ``iterations=10``, CondiQuant's ``teacher="conditioned"``) resolve to
+    its :class:`~quantlab.methods.MethodConfig`, left on the result as ``method_config``.
+    ``patches``: the calibration batch (default: 32 LR patches 3x64x64 from the training images, seed 0).
+    ``checkpoint``: where DQC checkpoints and resumes. ``stage1``: an already calibrated model of the
+    method's stage 1 (e.g. DOBI in the same mode for ``2dquant``, same config) to continue from instead of
+    calibrating again (it is copied)."""
+    resolved = methods.resolve(method, bits, preset, **overrides)
+    if not methods.get(method).quantized:
+        raise ValueError(f"{method!r} is an unquantized reference row; choose a PTQ method of "
+                         f"{methods.names(quantized=True)}")
     config = config or QuantConfig(bits=bits)
+    if stage1 is not None:
+        request = methods.stage1_request(resolved)
+        made_by = getattr(stage1, "method_config", None)
+        if (request is None or getattr(stage1, "quant_config", None) != config or made_by is None
+                or made_by.key() != methods.resolve(request[0], bits, preset, **request[1]).key()):
+            raise ValueError(f"stage1 must be a model calibrated by the stage 1 of {method!r} "
+                             f"({request[0] if request else 'none: it has no stage 1'}) with {config}")
+        stage1 = copy.deepcopy(stage1)
     if patches is None:
         patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)
-    if teacher not in ("original", "conditioned"):
-        raise ValueError(f"teacher must be 'original' or 'conditioned', got {teacher!r}")
-    student_fp, teacher_fp = fp_model, fp_model
-    if method == "condiquant":
-        gram_patches = calibration_patches(n=conditioning_patches, size=CONDITIONING_PATCH_SIZE, scale=fp_model.config.scale,
-                                           folder=train_folder)
-        student_fp, _ = condition_model(fp_model, gram_patches, progress=progress)
-        teacher_fp = student_fp if teacher == "conditioned" else fp_model
-    if stage1 is not None:
-        if method not in STAGE1 or getattr(stage1, "quant_config", None) != config:
-            raise ValueError(f"stage1 must be a calibrated model with {config} and is only for {tuple(STAGE1)}, "
-                             f"got method {method!r}")
-        qmodel = copy.deepcopy(stage1)
-    else:
-        qmodel = quantize(student_fp, config)
-        if method == "dqc":
-            calibrate.minmax(qmodel, patches)
-        elif method in WITH_DOBI:
-            calibrate.dobi(qmodel, patches, mode=dobi_mode)
-        elif method == "dbdc_pac":
-            dbdc_pac(qmodel, fp_model, patches, preset, train_folder=train_folder, progress=progress)
-        else:
-            calibrate.METHODS[method](qmodel, patches)
-    if method in DISTILLED:
-        dqc(qmodel, teacher_fp, preset, train_folder=train_folder, checkpoint=checkpoint, progress=progress,
-            method=method, **dqc_overrides)
-    qmodel.quant_info = {"method": method, "preset": preset if method in TUNED else None, "dobi_mode": dobi_mode}
+    job = Calibration(fp_model, resolved, config, patches, train_folder, Path(checkpoint) if checkpoint else None,
+                      progress, stage1)
+    qmodel = methods.get(method).run(job)
+    qmodel.method_config = resolved
     return qmodel
 
 
-def linear_weights(qmodel: nn.Module) -> dict[str, torch.Tensor]:
-    """The FP weights inside the quantized linear layers (changed by CondiQuant's conditioning)."""
-    return {k: v.detach().cpu() for k, v in qmodel.state_dict().items() if k.endswith(".linear.weight")}
+def saved_state(qmodel: nn.Module, fp_model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a quantized-model file must hold to rebuild ``qmodel`` on ``fp_model``: every quantizer's
+    parameters and buffers (bounds, ...), and every other entry the method changed (CondiQuant's
+    conditioned weights, folded LayerNorms, ...), compared with a fresh copy in the method's structure."""
+    fresh = methods.fresh_model(fp_model, getattr(qmodel, "method_config", None), qmodel.quant_config).state_dict()
+    quantizer_names = tuple(f"{name}." for name, _ in quantizers(qmodel))
+    return {k: v.detach().cpu() for k, v in qmodel.state_dict().items()
+            if k.startswith(quantizer_names) or k not in fresh or not torch.equal(fresh[k].cpu(), v.cpu())}
 
 
 def save_quantized(qmodel: nn.Module, fp_model: nn.Module, path: str | Path) -> None:
-    """Write bounds + config + method + FP fingerprint (atomic)."""
+    """Write the method's resolved config (none for a model calibrated by hand), the :class:`QuantConfig`,
+    the SHA-256 of the FP weights and :func:`saved_state` (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "meta": json.dumps({"config": asdict(qmodel.quant_config), "fp_sha256": weights_fingerprint(fp_model),
-                            "scale": fp_model.config.scale, **getattr(qmodel, "quant_info", {})}),
-        "bounds": {name: torch.stack([q.lower.detach().cpu(), q.upper.detach().cpu()]) for name, q in quantizers(qmodel)},
+                            "scale": fp_model.config.scale, "method": manifest_of(qmodel)}),
+        "state": saved_state(qmodel, fp_model),
     }
-    if getattr(qmodel, "quant_info", {}).get("method") == "condiquant":
-        payload["weights"] = linear_weights(qmodel)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def manifest_of(qmodel: nn.Module) -> dict | None:
+    """The manifest of the model's method config; None for a model calibrated by hand."""
+    config = getattr(qmodel, "method_config", None)
+    return config.manifest() if config else None
+
+
+def method_config_of(meta: dict) -> MethodConfig | None:
+    """The :class:`MethodConfig` stored in a file's meta (a v1 file: its method at the quick preset;
+    None for a model calibrated by hand)."""
+    stored = meta.get("method")
+    if stored is None:
+        return None
+    if isinstance(stored, dict):
+        return MethodConfig(stored["method"], stored["bits"], stored["preset"], stored["settings"], stored["tag"])
+    overrides = {"dobi_mode": meta["dobi_mode"]} if meta.get("dobi_mode") else {}
+    return methods.resolve(stored, meta["config"]["bits"], meta.get("preset") or "quick", **overrides)
+
+
+def v1_state(payload: dict) -> dict[str, torch.Tensor]:
+    """The state of a v1 file: ``bounds`` {quantizer: (2, ...)} and CondiQuant's ``weights``."""
+    state = {f"{name}.{side}": bounds[i] for name, bounds in payload["bounds"].items()
+             for i, side in enumerate(("lower", "upper"))}
+    return state | payload.get("weights", {})
 
 
 def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
@@ -123,23 +117,21 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"no quantized-model file at {path}; make one with 'quantlab quantize ... --out {path}'")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *OLD_FORMATS):
         raise ValueError(f"{path} is not a quantlab quantized-model file ({FORMAT})")
     meta = json.loads(payload["meta"])
     if meta["fp_sha256"] != weights_fingerprint(fp_model):
         raise ValueError(f"{path} was calibrated on other FP weights (sha256 {meta['fp_sha256'][:12]}...); "
                          "load it with the FP model it was made from")
-    qmodel = quantize(fp_model, QuantConfig(**meta["config"]))
-    named = dict(quantizers(qmodel))
-    if set(named) != set(payload["bounds"]):
-        raise ValueError(f"{path} does not match the quantizer layout of this model")
-    for name, bounds in payload["bounds"].items():
-        named[name].set_bounds(bounds[0], bounds[1])
-    if "weights" in payload:  # CondiQuant: the conditioned linear weights
-        unexpected = qmodel.load_state_dict(payload["weights"], strict=False).unexpected_keys
-        if unexpected:
-            raise ValueError(f"{path} holds weights this model does not have: {unexpected[:4]}")
-    qmodel.quant_info = {key: meta.get(key) for key in ("method", "preset", "dobi_mode")}
+    config = method_config_of(meta)
+    qmodel = methods.fresh_model(fp_model, config, QuantConfig(**meta["config"]))
+    state = payload["state"] if payload["format"] == FORMAT else v1_state(payload)
+    expected = {f"{name}.{key}" for name, q in quantizers(qmodel) for key in q.state_dict()}
+    result = qmodel.load_state_dict(state, strict=False)
+    if result.unexpected_keys or expected - set(state):
+        raise ValueError(f"{path} does not match the quantizer layout of this model "
+                         f"(unexpected {result.unexpected_keys[:4]}, missing {sorted(expected - set(state))[:4]})")
+    qmodel.method_config = config
     return qmodel.to(next(fp_model.parameters()).device)
 
 
@@ -148,9 +140,8 @@ def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Pa
     """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes from ``path`` with
     the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written."""
     path = Path(path)
-    checkpoint = path.with_suffix(".dqc.pt") if method in DISTILLED else None
+    checkpoint = path.with_suffix(".dqc.pt")
     qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
     save_quantized(qmodel, fp_model, path)
-    if checkpoint is not None:
-        checkpoint.unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)
     return qmodel

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .analysis import TensorSample, location, representative_names  # noqa: E402
-from .results import METHOD_LABELS  # noqa: E402
+from .methods import labels as method_labels  # noqa: E402
 
 SHAPE_COLORS = {"symmetric": "tab:blue", "one-sided": "tab:orange"}
 BINS = 100
@@ -211,7 +211,7 @@ def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
         panel = frame[(frame["scale"] == scale) & (frame["dataset"] == dataset)]
         for method, rows in panel.groupby("method", sort=False):
             rows = rows.sort_values("bits")
-            ax.plot(rows["bits"], rows["ours"], "o-", color=palette[method], label=METHOD_LABELS[method])
+            ax.plot(rows["bits"], rows["ours"], "o-", color=palette[method], label=method_labels()[method])
             ax.plot(rows["bits"], rows["paper"], "o--", color=palette[method], mfc="none", alpha=0.7)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=f"x{scale} {dataset}", xlabel="bits (W/A)", ylabel="PSNR - FP (dB)",

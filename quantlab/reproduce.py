@@ -35,16 +35,13 @@ class NotebookFailed(RuntimeError):
 QUICK_DATASETS = ["Set5", "Set14"]
 QUICK_LIMIT = 1  # first image of each set: a whole Set14 pass takes 1.5 (FP) to 2.3 (fake-quantized) min on 2 cores
 FULL_DATASETS = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
-TABLE_METHODS = ["fp", "bicubic", "minmax", "percentile", "dbdc_pac", "dobi", "2dquant"]
 
 # Dependency order: the tables fill the results cache (calibrated models, scores) that the later
 # notebooks reuse. Quick: x2, 2 bits, the first image of Set5 and Set14, quick presets.
 NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("03_table_2dquant",
-             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, methods=TABLE_METHODS,
-                        preset="quick"),
-             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, methods=TABLE_METHODS,
-                       preset="paper"),
+             quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, preset="quick"),
+             full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper"),
              figures=("2dquant_table3_gap_to_fp.png", "2dquant_table3_gap_to_fp.pdf")),
     Notebook("09_table_condiquant",
              quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, preset="quick"),

@@ -9,6 +9,7 @@ their weights, so retrained weights never reuse stale numbers.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -16,22 +17,18 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import calibrate
+from . import methods as registry
 from .checkpoints import load_model
 from .evaluation import evaluate, per_image
 from .files import atomic_path
-from .pipeline import STAGE1, TUNED, load_quantized, quantize_to_file, resolve_dobi_mode, weights_fingerprint
+from .methods import FP_BITS, MethodConfig
+from .pipeline import load_quantized, quantize_to_file, weights_fingerprint
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
-METHOD_LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
-                 "dbdc_pac": "DBDC+Pac", "dobi": "DOBI", "dqc": "DQC only", "2dquant": "2DQuant",
-                 "condiquant": "CondiQuant"}
-REFERENCES = ("fp", "bicubic")  # unquantized rows (bits 32 in the papers' tables)
-FP_BITS = 32
 PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
-CACHE_VERSION = 1  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
+CACHE_VERSION = 2  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
@@ -79,55 +76,56 @@ class ResultsCache:
             self._models[key] = model, model_id(source, model)
         return self._models[key]
 
-    def quantized_path(self, mid: str, method: str, bits: int, preset: str) -> Path:
-        return self.folder / "quantized" / f"{mid}__{method}__{preset}__{bits}bit.pt"
+    def quantized_path(self, mid: str, config: MethodConfig) -> Path:
+        """``quantized/<model id>__<method>__<config key>__<bits>bit.pt`` (its manifest beside, ``.json``)."""
+        return self.folder / "quantized" / f"{mid}__{config.method}__{config.key()}__{config.bits}bit.pt"
+
+    def cell_path(self, mid: str, scale: int, config: MethodConfig, dataset: str, limit: int | None) -> Path:
+        """``cells/<model id>/x<scale>__<method>__<config key>__<bits>bit__<dataset>__<limit>.csv``."""
+        name = f"x{scale}__{config.method}__{config.key()}__{config.bits}bit__{dataset}__{limit or 'all'}.csv"
+        return self.folder / "cells" / mid / name
 
     def quantized(self, source: str | Path, method: str, bits: int, preset: str = "quick", progress: bool = True,
                   **overrides) -> nn.Module:
-        """The calibrated model of ``method`` at ``bits`` (W and A): loaded when cached, else
-        calibrated with :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from
-        its ``.dqc.pt`` twin). ``overrides`` (e.g. DQC ``iterations``, ``dobi_mode``) are part of the file name.
-        ``dqc`` and ``2dquant`` start from the cached MinMax / DOBI model (in the same DOBI mode), made first
-        if missing."""
+        """The calibrated model of ``method`` at ``bits`` (W and A) under ``preset`` and ``overrides`` (the
+        method's settings, e.g. DQC ``iterations``, ``dobi_mode``): loaded when cached, else calibrated with
+        :func:`quantlab.pipeline.quantize_with` and saved (DQC resumes from its ``.dqc.pt`` twin). Cached
+        under the key of the resolved config, so spelled-out defaults hit the same file. A method with a stage
+        1 (``2dquant`` from DOBI, ``dqc`` from MinMax) starts from that cached model, made first if missing."""
         fp, mid = self.fp_model(source)
-        path = self.quantized_path(mid, method, bits, cell_tag(method, preset, overrides))
+        config = registry.resolve(method, bits, preset, **overrides)
+        path = self.quantized_path(mid, config)
         if path.is_file():
             return load_quantized(path, fp)
-        stage1 = None
-        if method in STAGE1:  # cached once, shared; a DOBI mode other than the default keys its own cell
-            mode = resolve_dobi_mode(method, preset, overrides.get("dobi_mode"))
-            options = {"dobi_mode": mode} if mode not in (None, calibrate.DEFAULT_DOBI_MODE) else {}
-            stage1 = self.quantized(source, STAGE1[method], bits, preset, progress=progress, **options)
-        return quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
-                                stage1=stage1, **overrides)
+        request = registry.stage1_request(config)
+        stage1 = (self.quantized(source, request[0], bits, preset, progress=progress, **request[1])
+                  if request else None)
+        qmodel = quantize_to_file(fp, method, bits, path, preset, progress=progress, train_folder=self.train_folder,
+                                  stage1=stage1, **overrides)
+        self.write_manifest(path, mid, config)
+        return qmodel
+
+    def write_manifest(self, path: Path, mid: str, config: MethodConfig, **extra) -> None:
+        """``<path>.json`` beside a cached entry: the model id and the config that made it."""
+        manifest = {"model": mid, "cache_version": CACHE_VERSION, **config.manifest(), **extra}
+        write_text_atomic(json.dumps(manifest, indent=1, sort_keys=True) + "\n", path.with_suffix(".json"))
 
     def scores(self, source: str | Path, method: str, bits: int, dataset: str, preset: str = "quick",
                limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:
         """Per-image PSNR/SSIM of one cell (computed once, then read from its CSV)."""
         fp, mid = self.fp_model(source)
-        scale = fp.config.scale
-        bits = FP_BITS if method in REFERENCES else bits
-        tag = cell_tag(method, preset, overrides)
-        path = self.folder / "cells" / mid / f"x{scale}__{method}__{tag}__{bits}bit__{dataset}__{limit or 'all'}.csv"
+        config = registry.resolve(method, bits, preset, **overrides)
+        path = self.cell_path(mid, fp.config.scale, config, dataset, limit)
         if path.is_file():
             return pd.read_csv(path)
-        if method == "bicubic":
-            upscaler = "bicubic"
-        elif method == "fp":
-            upscaler = fp
-        else:
-            upscaler = self.quantized(source, method, bits, preset, progress=progress, **overrides)
-        frame = per_image(evaluate(upscaler, [dataset], scale, limit=limit, progress=progress))
-        frame = frame.assign(model=mid, scale=scale, method=method, bits=bits, preset=tag)
+        entry = registry.get(method)
+        upscaler = (entry.upscaler(fp) if not entry.quantized
+                    else self.quantized(source, method, bits, preset, progress=progress, **overrides))
+        frame = per_image(evaluate(upscaler, [dataset], fp.config.scale, limit=limit, progress=progress))
+        frame = frame.assign(model=mid, scale=fp.config.scale, method=method, bits=config.bits, preset=config.tag)
         write_csv_atomic(frame, path)
+        self.write_manifest(path, mid, config, dataset=dataset, limit=limit)
         return frame
-
-
-def cell_tag(method: str, preset: str, overrides: Mapping | None = None) -> str:
-    """The preset part of a cell's key: the preset (``-`` for untuned methods) plus any overrides
-    (``quick-lr0.001``, ``--dobi_moderelease``)."""
-    options = "".join(f"-{k}{v}" for k, v in sorted((overrides or {}).items()))
-    return (preset if method in TUNED else "-") + options
 
 
 def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[str],
@@ -139,11 +137,10 @@ def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Ite
     (bits 32). Every cell goes through the :class:`ResultsCache` in ``out``."""
     cache = ResultsCache(out, train_folder)
     bits, methods, datasets = list(bits), list(methods), list(datasets)
-    unknown = [m for m in methods if m not in METHOD_LABELS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_LABELS)}")
+    for method in methods:
+        registry.get(method)
     jobs = [(source, method, b, dataset) for source in models for method in methods
-            for b in ([FP_BITS] if method in REFERENCES else bits) for dataset in datasets]
+            for b in (bits if registry.get(method).quantized else [FP_BITS]) for dataset in datasets]
     frames = [cache.scores(source, method, b, dataset, preset, limit, progress=False)
               for source, method, b, dataset in tqdm(jobs, desc="results", disable=not progress)]
     scores = pd.concat(frames, ignore_index=True)
@@ -181,7 +178,7 @@ def with_paper(results: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.D
     paper = paper_results() if paper is None else paper
     paper = (paper.drop(columns="table").drop_duplicates(CELL)
              .rename(columns={"method": "label", "psnr": "paper_psnr", "ssim": "paper_ssim"}))
-    merged = results.assign(label=results["method"].map(METHOD_LABELS)).merge(
+    merged = results.assign(label=results["method"].map(registry.labels())).merge(
         paper, on=["scale", "label", "bits", "dataset"], how="left")
     return merged.drop(columns="label").assign(delta_psnr=lambda f: f["psnr"] - f["paper_psnr"],
                                                delta_ssim=lambda f: f["ssim"] - f["paper_ssim"])
@@ -246,7 +243,8 @@ def paper_layout(results: pd.DataFrame, paper: bool = False, paper_only: Iterabl
         at = next((i for i, m in enumerate(methods) if m in ("2dquant", "condiquant")), len(methods))
         methods[at:at] = list(dict.fromkeys(extra["method"]))
         frame = pd.concat([frame, extra], ignore_index=True)
-    frame = frame.assign(Method=frame["method"].map(lambda m: METHOD_LABELS.get(m, m)),
+    labels = registry.labels()
+    frame = frame.assign(Method=frame["method"].map(lambda m: labels.get(m, m)),
                          order=frame["method"].map({m: i for i, m in enumerate(methods)}))
     frame = frame.sort_values(["scale", "bits", "order"], ascending=[True, False, True], kind="stable")
     values = {"PSNR": "psnr", "SSIM": "ssim"} | ({"paper PSNR": "paper_psnr", "delta PSNR": "delta_psnr"}

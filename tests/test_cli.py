@@ -41,7 +41,7 @@ def test_dobi_mode_is_recorded_and_refused_for_methods_without_dobi(tiny_checkpo
     out = tmp_path / "q.pt"
     main(["quantize", "--model", str(tiny_checkpoint), "--method", "dobi", "--dobi-mode", "release", "--data",
           str(train_folder), "--out", str(out)])
-    assert load_quantized(out, load_model(tiny_checkpoint)).quant_info["dobi_mode"] == "release"
+    assert load_quantized(out, load_model(tiny_checkpoint)).method_config.settings["dobi_mode"] == "release"
     with pytest.raises(SystemExit) as exit_:
         main(["quantize", "--method", "minmax", "--dobi-mode", "release", "--out", "q.pt"])
     assert exit_.value.code == 2 and "--dobi-mode applies to --method dobi/2dquant/condiquant only" in capsys.readouterr().err
@@ -84,7 +84,7 @@ def test_quantize_writes_the_file_and_removes_the_dqc_checkpoint(tiny_checkpoint
           "--out", str(out)])
     assert "written" in capsys.readouterr().out
     assert out.is_file() and not out.with_suffix(".dqc.pt").exists()
-    assert load_quantized(out, load_model(tiny_checkpoint)).quant_info["method"] == "dqc"
+    assert load_quantized(out, load_model(tiny_checkpoint)).method_config.method == "dqc"
 
 
 @pytest.mark.parametrize("teacher, expected", [(None, "original"), ("fp", "original"), ("conditioned", "conditioned")])
@@ -101,7 +101,7 @@ def test_quantize_passes_the_condiquant_teacher(teacher, expected, tiny_checkpoi
             "--out", str(tmp_path / "q.pt")]
     main(args + (["--teacher", teacher] if teacher else []))
     [(method, options)] = calls
-    assert method == "condiquant" and options["teacher"] == expected
+    assert method == "condiquant" and options.get("teacher", "original") == expected
     assert options["checkpoint"] == tmp_path / "q.dqc.pt"
 
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from quantlab.reproduce import NOTEBOOKS, NotebookFailed, notebook_parameters, notebook_path, reproduce, select
-from quantlab.results import FP_BITS, REFERENCES
+from quantlab import methods
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def table_run(tmp_path_factory, tiny_checkpoint, train_folder):
 def test_table_csv_has_one_row_per_requested_cell(table_run):
     table, requested = table_run
     keys = ["method", "bits", "scale", "dataset"]
-    expected = {(m, FP_BITS if m in REFERENCES else b, s, d) for m in requested["methods"]
+    expected = {(m, b if methods.get(m).quantized else methods.FP_BITS, s, d) for m in requested["methods"]
                 for b in requested["bits"] for s in requested["scales"] for d in requested["datasets"]}
     assert (table.groupby(keys).size() == 1).all()
     assert set(table[keys].itertuples(index=False, name=None)) == expected

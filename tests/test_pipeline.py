@@ -6,7 +6,7 @@ from quantlab import calibrate, distill, pipeline
 from quantlab.cli import main
 from quantlab.checkpoints import load_model, save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
-from quantlab.pipeline import linear_weights, load_quantized, quantize_with, save_quantized
+from quantlab.pipeline import load_quantized, quantize_with, save_quantized, saved_state
 from quantlab.quant import QuantConfig, quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -140,7 +140,7 @@ def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path, meth
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(qmodel(x), again(x))
-    assert again.quant_info["method"] == method
+    assert again.method_config.method == method
     other = SwinIR(TINY).eval()
     with pytest.raises(ValueError, match="other FP weights"):
         load_quantized(tmp_path / "q.pt", other)
@@ -151,7 +151,7 @@ def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path, meth
 def test_dobi_mode_chooses_the_search_of_one_sided_tensors(fp_model):
     patches = torch.rand(2, 3, 16, 16)
     models = {mode: quantize_with(fp_model, "dobi", bits=3, patches=patches, dobi_mode=mode) for mode in ("paper", "release")}
-    assert quantize_with(fp_model, "dobi", bits=3, patches=patches).quant_info["dobi_mode"] == "paper"
+    assert quantize_with(fp_model, "dobi", bits=3, patches=patches).method_config.settings["dobi_mode"] == "paper"
     for mode, qmodel in models.items():
         expected = calibrate.dobi(quantize(fp_model, QuantConfig(bits=3)), patches, mode=mode)
         assert all(torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
@@ -159,7 +159,7 @@ def test_dobi_mode_chooses_the_search_of_one_sided_tensors(fp_model):
     lowers = {mode: [q.lower.item() for _, q in quantizers(m) if q.kind == "post_softmax"] for mode, m in models.items()}
     assert lowers["paper"] != lowers["release"]  # one-sided keeps l = min; symmetric raises it
     for method, mode in (("minmax", "paper"), ("dobi", "both")):
-        with pytest.raises(ValueError, match="DOBI mode"):
+        with pytest.raises(ValueError, match="dobi_mode"):
             quantize_with(fp_model, method, patches=patches, dobi_mode=mode)
 
 
@@ -178,9 +178,11 @@ def test_condiquant_pipeline_conditions_quantizes_and_round_trips(fp_model, tmp_
     from quantlab.condition import condition_numbers
     patches = torch.rand(2, 3, 16, 16)
     qmodel = quantize_with(fp_model, "condiquant", bits=4, patches=patches, progress=False,
-                           iterations=2, batch_size=2, patch_size=16)
+                           dqc=dict(iterations=2, batch_size=2, patch_size=16))
     fp_kappa = condition_numbers(fp_model)
-    conditioned = {k.replace(".linear.weight", ""): v for k, v in linear_weights(qmodel).items()}
+    state = saved_state(qmodel, fp_model)  # the file keeps the conditioned weights the method changed
+    conditioned = {k.replace(".linear.weight", ""): v for k, v in state.items() if k.endswith(".linear.weight")}
+    assert len(conditioned) == 6 * len(fp_model.layers[0].blocks) * len(fp_model.layers)  # q, k, v, proj, fc1, fc2
     fc2 = "layers.0.blocks.0.mlp.fc2"
     s = torch.linalg.svdvals(conditioned[fc2])
     assert (s.max() / s.min()).item() < fp_kappa[fc2]
@@ -203,4 +205,4 @@ def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_fold
     qmodel = pipeline.quantize_to_file(fp, "dqc", 4, path, train_folder=train_folder, progress=False, iterations=2)
     assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
     assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
-    assert load_quantized(path, fp).quant_info == qmodel.quant_info
+    assert load_quantized(path, fp).method_config == qmodel.method_config

@@ -124,7 +124,7 @@ def test_paper_only_rows_sit_in_the_layout_before_2dquant():
 def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, train_folder, tmp_path, monkeypatch):
     """2dquant reuses the cached DOBI model (and dqc the MinMax one) instead of calibrating again,
     with the same bounds as a run from scratch."""
-    from quantlab import pipeline
+    from quantlab import calibrate, methods, pipeline
     from quantlab.checkpoints import load_model
     from quantlab.quant import quantizers
 
@@ -132,8 +132,8 @@ def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, t
     options = dict(progress=False, iterations=2, batch_size=2, patch_size=16)
     cache.quantized(tiny_checkpoint, "dobi", 4, progress=False)
     calibrations = []
-    dobi = pipeline.calibrate.dobi
-    monkeypatch.setattr(pipeline.calibrate, "dobi", lambda *a, **k: calibrations.append(1) or dobi(*a, **k))
+    dobi = calibrate.dobi
+    monkeypatch.setattr(calibrate, "dobi", lambda *a, **k: calibrations.append(1) or dobi(*a, **k))
     reused = cache.quantized(tiny_checkpoint, "2dquant", 4, **options)
     assert calibrations == []  # DOBI came from the cache
     scratch = pipeline.quantize_with(load_model(tiny_checkpoint), "2dquant", 4, train_folder=train_folder, **options)
@@ -141,10 +141,10 @@ def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, t
     for (name, a), (_, b) in zip(quantizers(reused), quantizers(scratch), strict=True):
         assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
     cache.quantized(tiny_checkpoint, "dqc", 4, **options)
-    assert cache.quantized_path(cache.fp_model(tiny_checkpoint)[1], "minmax", 4, "-").is_file()
+    assert cache.quantized_path(cache.fp_model(tiny_checkpoint)[1], methods.resolve("minmax", 4)).is_file()
     release = cache.quantized(tiny_checkpoint, "2dquant", 4, dobi_mode="release", **options)
     assert calibrations == [1, 1]  # a release-mode DOBI cell of its own, not the paper-mode one
-    assert cache.quantized(tiny_checkpoint, "dobi", 4, dobi_mode="release").quant_info["dobi_mode"] == "release"
-    assert calibrations == [1, 1] and release.quant_info["dobi_mode"] == "release"
+    assert cache.quantized(tiny_checkpoint, "dobi", 4, dobi_mode="release").method_config.settings["dobi_mode"] == "release"
+    assert calibrations == [1, 1] and release.method_config.settings["dobi_mode"] == "release"
     with pytest.raises(ValueError, match="stage1"):
         pipeline.quantize_with(load_model(tiny_checkpoint), "dobi", 4, stage1=reused, train_folder=train_folder)

@@ -1,0 +1,368 @@
+"""The method registry: one home for everything that makes a PTQ method what it is.
+
+A :class:`Method` is registered once with its name (the CLI's ``--method``, the results-cache key),
+its label (the papers' table row), its paper, the settings each preset resolves to, the method whose
+calibrated model it starts from (its stage 1) and its handler, which turns a :class:`Calibration`
+(the FP model, the calibration patches, the resolved :class:`MethodConfig`) into a calibrated
+fake-quantized model. As torchao's ``quantize_(model, config)`` dispatches on the config's type,
+:func:`quantlab.pipeline.quantize_with` dispatches on the registered method; the CLI's choices, the
+table labels, the notebooks' method lists and the cache all read this module.
+
+A request (method, bits, preset, overrides) resolves to a :class:`MethodConfig` holding *every*
+setting that determines the numbers; its :meth:`MethodConfig.key` hashes them, so a request that spells
+out a default (``iterations=60`` under ``quick``) is the same cell as one that does not.
+
+Adding a method: write its calibration in its own module, a handler ``run(calibration) -> qmodel``
+here, and one ``register(Method(...))``; see the README's "Adding a method".
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import calibrate
+from .condition import ConditionConfig, condition_model
+from .data import calibration_patches
+from .dbdc import PRESETS as PAC_PRESETS
+from .dbdc import PacPreset, dbdc_pac
+from .distill import PRESETS as DQC_PRESETS
+from .distill import DQCPreset, dqc
+from .quant import QuantConfig, quantize
+
+PRESETS = ("quick", "paper", "release")  # preset names a request may give; each method resolves its own
+FP_BITS = 32  # the bits of the unquantized reference rows, as the papers' tables print them
+TEACHERS = ("original", "conditioned")  # CondiQuant's DQC teacher
+CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
+CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A resolved request: ``method`` at ``bits`` with every setting that determines its numbers.
+
+    ``settings`` is JSON-normal (lists, not tuples); nested dicts group a stage's fields (``dqc``,
+    ``pac``, ``conditioning``). ``preset`` is the preset that was asked for (None for methods that
+    take none) and ``tag`` a short readable name (preset plus the settings that differ from it)."""
+
+    method: str
+    bits: int
+    preset: str | None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    tag: str = "-"
+
+    def key(self) -> str:
+        """16 hex digits of the SHA-256 of (method, bits, settings): the results-cache key."""
+        text = json.dumps({"method": self.method, "bits": self.bits, "settings": self.settings}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def manifest(self) -> dict:
+        """What made a cached entry: method, label, bits, preset, tag, settings, key."""
+        return {"method": self.method, "label": get(self.method).label, "bits": self.bits, "preset": self.preset,
+                "tag": self.tag, "settings": self.settings, "key": self.key()}
+
+
+@dataclass
+class Calibration:
+    """What a handler gets. ``fp_model``: the FP SwinIR; ``quant_config``: where and how to quantize;
+    ``patches``: the calibration batch (N, 3, h, w) of LR inputs in [0, 1]; ``stage1``: a copy of the
+    calibrated model of the method's stage 1 (same config) to continue from, or None (calibrate it);
+    ``checkpoint``: where a resumable stage (DQC) checkpoints."""
+
+    fp_model: nn.Module
+    config: MethodConfig
+    quant_config: QuantConfig
+    patches: torch.Tensor
+    train_folder: str | Path | None = None
+    checkpoint: Path | None = None
+    progress: bool = True
+    stage1: nn.Module | None = None
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self.config.settings
+
+    def start(self, fp_model: nn.Module | None = None) -> nn.Module:
+        """The stage-1 model when given, else a fresh quantized copy of ``fp_model`` (default the FP model)
+        in the method's structure (:func:`fresh_model`)."""
+        if self.stage1 is not None:
+            return self.stage1
+        return fresh_model(fp_model or self.fp_model, self.config, self.quant_config)
+
+
+Handler = Callable[[Calibration], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One PTQ method (or unquantized reference row). ``settings(preset)`` gives the preset's resolved
+    settings (a ValueError for a preset the method lacks); ``stage1(settings)`` the (method, overrides)
+    whose calibrated model ``run`` starts from; ``upscaler(fp_model)`` the model or upscaler name of a
+    reference row (``run`` is then None); ``choices`` the allowed values of settings that take names."""
+
+    name: str
+    label: str
+    reference: str
+    run: Handler | None = None
+    settings: Callable[[str], dict] = lambda preset: {}
+    tuned: bool = False  # its numbers depend on the preset (it trains something)
+    stage1: Callable[[Mapping], tuple[str, dict]] | None = None
+    upscaler: Callable[[nn.Module], nn.Module | str] | None = None
+    choices: Mapping[str, tuple] = field(default_factory=dict)
+    prepare: Callable[[nn.Module, MethodConfig], nn.Module] | None = None
+    tables: tuple[str, ...] = ()  # the papers' results tables with this row: "2dquant", "condiquant"
+
+    def structure(self, qmodel: nn.Module, config: MethodConfig) -> nn.Module:
+        """``qmodel`` (a fresh :func:`quantize` copy) with this method's module structure (``prepare``: e.g.
+        other quantizer types), rebuilt from ``config`` alone, so that a saved state loads into it."""
+        return self.prepare(qmodel, config) if self.prepare else qmodel
+
+    @property
+    def quantized(self) -> bool:
+        return self.run is not None
+
+    def resolve(self, bits: int, preset: str = "quick", **overrides) -> MethodConfig:
+        """The :class:`MethodConfig` of this method at ``bits`` under ``preset`` with ``overrides``
+        (a top-level setting such as ``dobi_mode``; a field of a stage by its name, ``iterations``, or, where
+        two stages share it, as ``dqc.batch_size``; or a stage as a dict, ``dqc={"batch_size": 2}``).
+        Unknown names and values outside ``choices`` raise a ValueError."""
+        if not self.quantized:
+            return MethodConfig(self.name, FP_BITS, None)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+        base = normal(self.settings(preset))
+        settings = copy.deepcopy(base)
+        overrides = {f"{stage}.{k}" if isinstance(fields, dict) else stage: v
+                     for stage, fields in overrides.items() for k, v in (fields.items() if isinstance(fields, dict)
+                                                                         else [(None, fields)])}
+        for name, value in overrides.items():
+            allowed = self.choices.get(name.split(".")[-1])
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{name} of method {self.name!r} must be one of {allowed}, got {value!r}")
+            target, leaf = setting_slot(settings, name, self.name)
+            target[leaf] = normal(value)
+        changed = [f"{k}={v}" for k, v in sorted(flat(settings).items()) if flat(base).get(k) != v]
+        tag = "-".join(([preset] if self.tuned else []) + changed) or "-"
+        return MethodConfig(self.name, bits, preset if self.tuned else None, settings, tag)
+
+
+def normal(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists), so equal settings hash equally."""
+    return json.loads(json.dumps(value))
+
+
+def flat(settings: Mapping) -> dict:
+    """Every setting by name: top-level ones as they are, a nested stage's fields by their own name,
+    or as ``stage.field`` where two stages share the name (``dqc.batch_size``, ``conditioning.batch_size``)."""
+    leaves = [(key, None) for key, v in settings.items() if not isinstance(v, dict)]
+    leaves += [(name, key) for key, v in settings.items() if isinstance(v, dict) for name in v]
+    counts = {}
+    for name, _ in leaves:
+        counts[name] = counts.get(name, 0) + 1
+    return {(name if counts[name] == 1 else f"{stage}.{name}"): (settings[stage][name] if stage else settings[name])
+            for name, stage in leaves}
+
+
+def setting_slot(settings: dict, name: str, method: str) -> tuple[dict, str]:
+    """(dict, key) where the override ``name`` lives in ``settings``: a name :func:`flat` gives, or any
+    stage field qualified as ``stage.field``."""
+    stage, _, leaf = name.rpartition(".")
+    if isinstance(settings.get(stage), dict) and leaf in settings[stage]:
+        return settings[stage], leaf
+    if name not in flat(settings):
+        raise ValueError(f"method {method!r} has no setting {name!r}; it takes {sorted(flat(settings)) or 'none'}")
+    if name in settings:
+        return settings, name
+    return next(v for v in settings.values() if isinstance(v, dict) and name in v), name
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name must be new)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``; a ValueError lists the known ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def names(quantized: bool | None = None) -> list[str]:
+    """Registered method names in registration order (the papers' row order); ``quantized`` filters."""
+    return [n for n, m in REGISTRY.items() if quantized is None or m.quantized == quantized]
+
+
+def taking(setting: str) -> list[str]:
+    """The quantized methods that have ``setting`` (e.g. ``dobi_mode``) at the quick preset."""
+    return [n for n in names(quantized=True) if setting in flat(resolve(n, 4, "quick").settings)]
+
+
+def table_rows(table: str) -> list[str]:
+    """The methods of a paper's Table 3 (``"2dquant"`` or ``"condiquant"``), in its row order."""
+    rows = [n for n, m in REGISTRY.items() if table in m.tables]
+    if not rows:
+        raise ValueError(f"no methods are registered for table {table!r}; known: 2dquant, condiquant")
+    return rows
+
+
+def labels() -> dict[str, str]:
+    """{method name: table label} of every registered method."""
+    return {n: m.label for n, m in REGISTRY.items()}
+
+
+def resolve(method: str, bits: int, preset: str = "quick", **overrides) -> MethodConfig:
+    """:meth:`Method.resolve` of the registered ``method``."""
+    return get(method).resolve(bits, preset, **overrides)
+
+
+def fresh_model(fp_model: nn.Module, config: MethodConfig | None, quant_config: QuantConfig) -> nn.Module:
+    """:func:`quantize` of ``fp_model`` in the structure of ``config``'s method (uncalibrated); ``config``
+    None (a model calibrated by hand, e.g. ``calibrate.dobi(quantize(fp), patches)``): :func:`quantize`'s."""
+    qmodel = quantize(fp_model, quant_config)
+    return get(config.method).structure(qmodel, config) if config else qmodel
+
+
+def stage1_request(config: MethodConfig) -> tuple[str, dict] | None:
+    """(method, overrides) of the stage 1 ``config`` starts from, or None."""
+    method = get(config.method)
+    return method.stage1(config.settings) if method.stage1 else None
+
+
+# Settings of each stage ----------------------------------------------------------------------------
+
+def dqc_settings(preset: str) -> dict:
+    """The DQC preset's fields that determine the numbers (its DOBI mode is the method's ``dobi_mode``)."""
+    fields = asdict(DQC_PRESETS[preset]) if preset in DQC_PRESETS else None
+    if fields is None:
+        raise ValueError(f"DQC has no preset {preset!r}; choose one of {sorted(DQC_PRESETS)}")
+    return {k: v for k, v in fields.items() if k not in ("dobi_mode", "checkpoint_every")}
+
+
+def dqc_preset(config: MethodConfig) -> DQCPreset:
+    """The :class:`DQCPreset` of ``config.settings["dqc"]`` (checkpointing as often as the named preset)."""
+    fields = dict(config.settings["dqc"], betas=tuple(config.settings["dqc"]["betas"]))
+    return DQCPreset(**fields, dobi_mode=config.settings.get("dobi_mode", calibrate.DEFAULT_DOBI_MODE),
+                     checkpoint_every=DQC_PRESETS[config.preset].checkpoint_every)
+
+
+def pac_settings(preset: str) -> dict:
+    if preset not in PAC_PRESETS:
+        raise ValueError(f"DBDC+Pac has no preset {preset!r}; choose one of {sorted(PAC_PRESETS)}")
+    return asdict(PAC_PRESETS[preset])
+
+
+def dobi_mode_of(preset: str) -> str:
+    """The DOBI mode that goes with ``preset``'s DQC (2DQuant's stage 1)."""
+    return DQC_PRESETS[preset].dobi_mode if preset in DQC_PRESETS else calibrate.DEFAULT_DOBI_MODE
+
+
+def distill(calibration: Calibration, qmodel: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
+    """DQC of ``qmodel`` with the resolved ``dqc`` settings (resumable from the calibration's checkpoint)."""
+    return dqc(qmodel, teacher or calibration.fp_model, dqc_preset(calibration.config),
+               train_folder=calibration.train_folder, checkpoint=calibration.checkpoint,
+               progress=calibration.progress, method=calibration.config.method)
+
+
+# Handlers -----------------------------------------------------------------------------------------
+
+def run_minmax(c: Calibration) -> nn.Module:
+    """MinMax: each quantizer's bounds are the min and max of its tensor on the calibration batch.
+    Deploys with integer kernels at no overhead (per-tensor uniform quantizers, 2DQuant's placement)."""
+    return calibrate.minmax(c.start(), c.patches)
+
+
+def run_percentile(c: Calibration) -> nn.Module:
+    """Percentile: bounds at the ``p``-th and (100 - ``p``)-th percentiles of each tensor.
+    Deploys as MinMax (per-tensor uniform quantizers)."""
+    return calibrate.percentile(c.start(), c.patches, p=c.settings["p"])
+
+
+def run_dobi(c: Calibration) -> nn.Module:
+    """DOBI (2DQuant stage 1): MSE search of the bounds, one-sided for post-softmax/GELU tensors in
+    ``paper`` mode. Deploys as MinMax (per-tensor uniform quantizers)."""
+    return calibrate.dobi(c.start(), c.patches, mode=c.settings["dobi_mode"])
+
+
+def run_dbdc_pac(c: Calibration) -> nn.Module:
+    """DBDC (dual clipping on a histogram) then Pac (pixel-aware tuning of the bounds against the FP
+    model). Deploys as MinMax (per-tensor uniform quantizers at 2DQuant's 384 places)."""
+    return dbdc_pac(c.start(), c.fp_model, c.patches, dbdc_pac_preset(c.settings), train_folder=c.train_folder,
+                    progress=c.progress)
+
+
+def dbdc_pac_preset(settings: Mapping) -> PacPreset:
+    """The :class:`PacPreset` of resolved ``settings["pac"]``."""
+    return PacPreset(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["pac"].items()})
+
+
+def run_dqc(c: Calibration) -> nn.Module:
+    """DQC only (2DQuant Table 4c): MinMax, then DQC. Deploys as MinMax."""
+    return distill(c, c.start() if c.stage1 is not None else calibrate.minmax(c.start(), c.patches))
+
+
+def run_2dquant(c: Calibration) -> nn.Module:
+    """2DQuant: DOBI, then DQC trains the 768 bounds against the FP model. Deploys as MinMax: only the
+    bounds change."""
+    qmodel = c.stage1 if c.stage1 is not None else calibrate.dobi(c.start(), c.patches, mode=c.settings["dobi_mode"])
+    return distill(c, qmodel)
+
+
+def run_condiquant(c: Calibration) -> nn.Module:
+    """CondiQuant: lower the condition numbers of the linear weights (proximal gradient on
+    ``conditioning.patches`` LR patches), then 2DQuant of the conditioned model; the DQC teacher is the
+    ``original`` FP model or the ``conditioned`` one. Deploys as MinMax: the conditioned weights replace
+    the FP ones offline."""
+    options = dict(c.settings["conditioning"])
+    n, size = options.pop("conditioning_patches"), options.pop("conditioning_patch_size")
+    gram = calibration_patches(n=n, size=size, scale=c.fp_model.config.scale, folder=c.train_folder)
+    conditioned, _ = condition_model(c.fp_model, gram, ConditionConfig(**options), progress=c.progress)
+    qmodel = calibrate.dobi(c.start(conditioned), c.patches, mode=c.settings["dobi_mode"])
+    return distill(c, qmodel, conditioned if c.settings["teacher"] == "conditioned" else c.fp_model)
+
+
+# The registry, in the papers' row order -----------------------------------------------------------
+
+TWO_DQUANT = "Liu et al., 2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution, NeurIPS 2024"
+CONDIQUANT = "Liu et al., CondiQuant: Condition Number Based Low-Bit Quantization for Image Super-Resolution, 2025"
+
+register(Method("fp", "FP", "full-precision SwinIR-light (Liang et al., ICCVW 2021)", upscaler=lambda fp: fp,
+                tables=("2dquant", "condiquant")))
+register(Method("bicubic", "Bicubic", "MATLAB imresize bicubic of the LR input", upscaler=lambda fp: "bicubic",
+                tables=("2dquant", "condiquant")))
+register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient integer-arithmetic-only inference, CVPR 2018", run_minmax,
+                tables=("2dquant",)))
+register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, CVPR 2019", run_percentile,
+                settings=lambda preset: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
+register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
+                "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
+                settings=lambda preset: {"pac": pac_settings(preset)}, tuned=True, tables=("2dquant", "condiquant")))
+register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
+                settings=lambda preset: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
+                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
+register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
+                settings=lambda preset: {"dqc": dqc_settings(preset)}, tuned=True,
+                stage1=lambda settings: ("minmax", {})))
+register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
+                settings=lambda preset: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
+                stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
+                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant", "condiquant")))
+register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
+                settings=lambda preset: {
+                    "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
+                    "conditioning": asdict(ConditionConfig()) | {
+                        "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
+                tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
