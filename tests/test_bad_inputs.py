@@ -20,7 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from quantlab import data, imresize, metrics
+from quantlab import data, imresize, metrics, runtime
+from quantlab.checkpoints import CheckpointError, load_model, save_model
+from quantlab.swinir import SwinIR, SwinIRConfig
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,97 @@ METRIC_CASES = [
          r"3x3 image is smaller than the scale x4"),
 ]
 
-CASES: list[Case] = IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES
+TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
+
+
+def tiny_state(**config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return SwinIR(SwinIRConfig(**{**TINY.__dict__, **config})).state_dict()
+
+
+def torch_file(name: str, edit: Callable[[dict], object] = lambda state: None, **config) -> Callable[[Path], Path]:
+    """A maker of a torch.save'd tiny state dict, after ``edit(state)``."""
+    def make(folder: Path) -> Path:
+        state = tiny_state(**config)
+        edit(state)
+        torch.save(state, folder / name)
+        return folder / name
+    return make
+
+
+def cut(maker: Callable[[Path], Path], keep: float = 0.5) -> Callable[[Path], Path]:
+    """``maker``'s file cut to its first ``keep`` fraction (an interrupted download)."""
+    def make(folder: Path) -> Path:
+        path = maker(folder)
+        content = path.read_bytes()
+        path.write_bytes(content[: int(len(content) * keep)])
+        return path
+    return make
+
+
+def safetensors_file(folder: Path) -> Path:
+    model = SwinIR(TINY)
+    save_model(model, folder / "m.safetensors")
+    return folder / "m.safetensors"
+
+
+class Payload:
+    """A pickled object whose unpickling would create the file ``PWNED`` (it must never run)."""
+
+    def __init__(self, folder: Path):
+        self.target = str(folder.parent / "PWNED")
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def pickled_code(folder: Path) -> Path:
+    state = tiny_state()
+    state["params"] = Payload(folder)
+    torch.save(state, folder / "evil.pth")
+    return folder / "evil.pth"
+
+
+def poison(value: float) -> Callable[[dict], None]:
+    return lambda state: state["conv_first.weight"].view(-1).__setitem__(0, value)
+
+
+CHECKPOINT_CASES = [
+    Case("empty-pth", raw_file("empty.pth", b""), load_model, CheckpointError,
+         r"empty\.pth is empty \(0 bytes\).*fetch it again"),
+    Case("empty-safetensors", raw_file("empty.safetensors", b""), load_model, CheckpointError, r"empty\.safetensors is empty"),
+    Case("truncated-pth", cut(torch_file("cut.pth")), load_model, CheckpointError,
+         r"cut\.pth is not a readable torch checkpoint: it is truncated or damaged.*fetch or copy it again"),
+    Case("truncated-safetensors", cut(safetensors_file), load_model, CheckpointError,
+         r"m\.safetensors is not a readable safetensors file: it is truncated or damaged"),
+    Case("pickled-code", pickled_code, load_model, CheckpointError,
+         r"evil\.pth is not a weights-only checkpoint.*can run arbitrary code.*state_dict"),
+    Case("nan-weights", torch_file("nan.pth", poison(float("nan"))), load_model, CheckpointError,
+         r"nan\.pth has NaN or inf weights in \['conv_first\.weight'\]"),
+    Case("inf-weights", torch_file("inf.pth", poison(float("inf"))), load_model, CheckpointError,
+         r"inf\.pth has NaN or inf weights"),
+    Case("one-channel-model", torch_file("gray.pth", in_chans=1), load_model, CheckpointError,
+         r"gray\.pth is a 1-channel model.*RGB models only"),
+    Case("folder-as-checkpoint", lambda folder: (folder / "run.pth").mkdir() or folder / "run.pth", load_model,
+         FileNotFoundError, r"no weights file at .*run\.pth \(it is a folder\)"),
+    Case("image-as-checkpoint", image_file("photo.png"), load_model, CheckpointError,
+         r"photo\.png is not a readable torch checkpoint: it is neither a torch file"),
+    Case("tensors-but-no-model", lambda folder: torch.save({"a": 1}, folder / "x.pth") or folder / "x.pth",
+         load_model, CheckpointError, r"x\.pth does not hold a state dict of tensors"),
+]
+
+DEVICE_CASES = [
+    Case("bogus-device", nothing, lambda _: runtime.pick_device("bogus"), ValueError,
+         r"device 'bogus' is not a torch device; use cpu, cuda"),
+    Case("uppercase-device", nothing, lambda _: runtime.pick_device("CPU"), ValueError, r"device 'CPU' is not"),
+    Case("load-on-bogus-device", safetensors_file, lambda path: load_model(path, device="gpu"), ValueError,
+         r"device 'gpu' is not a torch device"),
+] + ([] if torch.cuda.is_available() else [
+    Case("cuda-without-cuda", nothing, lambda _: runtime.pick_device("cuda"), ValueError,
+         r"device 'cuda' is not available on this machine.*use cpu"),
+])
+
+CASES: list[Case] = IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES + CHECKPOINT_CASES + DEVICE_CASES
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -235,3 +327,32 @@ def test_bad_input_fails_cleanly(case: Case, tmp_path, monkeypatch, capsys):
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert "weights_only=False" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
     assert snapshot(inputs) == before, "an input file was changed, added or removed"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_pickled_code_never_runs(tmp_path, legacy):
+    """A checkpoint carrying pickled code is refused without running the payload, in both torch file
+    formats, and the message never suggests weights_only=False. (The payload is live: an unrestricted
+    unpickler runs it, at the end.)"""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    if legacy:
+        path = folder / "legacy.pth"
+        torch.save({"params": Payload(folder)}, path, _use_new_zipfile_serialization=False)
+    else:
+        path = pickled_code(folder)
+    with pytest.raises(CheckpointError) as err:
+        load_model(path)
+    assert "weights-only" in str(err.value) and "weights_only" not in str(err.value)
+    assert not (tmp_path / "PWNED").exists()
+    torch.load(path, weights_only=False)  # what quantlab must never do
+    assert (tmp_path / "PWNED").exists()
+
+
+def test_a_safetensors_file_named_pth_and_a_torch_file_named_safetensors_load(tmp_path):
+    """The format is told from the content, not the suffix (torch.load sent any *.safetensors path to safetensors)."""
+    (tmp_path / "in").mkdir()
+    safetensors_file(tmp_path / "in").rename(tmp_path / "st.pth")
+    torch_file("pt.safetensors")(tmp_path)
+    for path in (tmp_path / "st.pth", tmp_path / "pt.safetensors"):
+        assert load_model(path).config.embed_dim == 12
