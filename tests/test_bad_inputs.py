@@ -22,6 +22,7 @@ from PIL import Image
 
 from quantlab import data, imresize, metrics, runtime
 from quantlab.checkpoints import CheckpointError, load_model, save_model
+from quantlab.condition import condition_model, condition_numbers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 
@@ -298,7 +299,40 @@ DEVICE_CASES = [
          r"device 'cuda' is not available on this machine.*use cpu"),
 ])
 
-CASES: list[Case] = IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES + CHECKPOINT_CASES + DEVICE_CASES
+def tiny_model(edit: Callable[[dict], object] = lambda state: None) -> Callable[[Path], SwinIR]:
+    """A maker of an in-memory tiny SwinIR, after ``edit(state_dict)`` (in place)."""
+    def make(folder: Path) -> SwinIR:
+        torch.manual_seed(0)
+        model = SwinIR(TINY).eval()
+        with torch.no_grad():
+            edit(model.state_dict())
+        return model
+    return make
+
+
+def conditioned(patches: torch.Tensor) -> Callable[[SwinIR], object]:
+    return lambda model: condition_model(model, patches, progress=False, steps=1)
+
+
+CONDITION_CASES = [
+    Case("condition-nan-patches", tiny_model(), conditioned(torch.rand(4, 3, 8, 8).index_fill_(0, torch.tensor([2]), float("nan"))),
+         ValueError, r"calibration patches hold NaN or inf values \(patches \[2\]\)"),
+    Case("condition-gray-patches", tiny_model(), conditioned(torch.rand(4, 1, 8, 8)), ValueError,
+         r"calibration patches must have shape \(n, 3, h, w\)"),
+    Case("condition-no-patches", tiny_model(), conditioned(torch.rand(0, 3, 8, 8)), ValueError,
+         r"calibration patches must have shape .* got \(0, 3, 8, 8\)"),
+    Case("condition-nan-weights", tiny_model(lambda s: s["layers.0.blocks.1.mlp.fc2.weight"].fill_(float("nan"))),
+         conditioned(torch.rand(4, 3, 8, 8)), ValueError,
+         r"the model has NaN or inf weights in \['layers\.0\.blocks\.1\.mlp\.fc2\.weight'\]"),
+    Case("kappa-of-nan-weights", tiny_model(lambda s: s["layers.0.blocks.0.attn.qkv.weight"].fill_(float("inf"))),
+         condition_numbers, ValueError, r"the model has NaN or inf weights in \['layers\.0\.blocks\.0\.attn\.qkv"),
+    Case("condition-overflowing-activations", tiny_model(lambda s: s["layers.0.blocks.0.norm1.weight"].fill_(1e30)),
+         conditioned(torch.rand(4, 3, 8, 8)), ValueError,
+         r"the inputs of \['layers\.0\.blocks\.0\.attn\.qkv', .*\] \(\+4 more\) hold NaN or inf \(activations overflowed\)"),
+]
+
+CASES: list[Case] = (IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES + CHECKPOINT_CASES + DEVICE_CASES
+                     + CONDITION_CASES)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
