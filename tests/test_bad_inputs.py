@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from quantlab import data, imresize, metrics, runtime
+from quantlab import data, files, imresize, metrics, runtime
 from quantlab.checkpoints import CheckpointError, load_model, save_model
 from quantlab.condition import condition_model, condition_numbers
 from quantlab.swinir import SwinIR, SwinIRConfig
@@ -331,8 +331,32 @@ CONDITION_CASES = [
          r"the inputs of \['layers\.0\.blocks\.0\.attn\.qkv', .*\] \(\+4 more\) hold NaN or inf \(activations overflowed\)"),
 ]
 
+def write_to(path_of: Callable[[Path], Path]) -> Callable[[Path], object]:
+    """A call writing a file atomically at ``path_of(folder)`` (the block must not run)."""
+    def call(folder: Path) -> None:
+        with files.atomic_path(path_of(folder)) as tmp:
+            tmp.write_text("result")
+    return call
+
+
+def folder_with_file(folder: Path) -> Path:
+    (folder / "results").mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+OUTPUT_CASES = [
+    Case("output-is-a-folder", folder_with_file, write_to(lambda folder: folder / "results"), ValueError,
+         r"output .*results is a folder; give a file path inside it"),
+    Case("output-under-a-file", folder_with_file, write_to(lambda folder: folder / "notes.txt" / "q.pt"), ValueError,
+         r"output .*q\.pt cannot be written: .*notes\.txt is a file"),
+    Case("output-is-an-input", folder_with_file,
+         lambda folder: files.check_output_path(folder / "results" / ".." / "notes.txt", inputs=[folder / "notes.txt"]),
+         ValueError, r"notes\.txt is also an input of this run"),
+]
+
 CASES: list[Case] = (IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES + CHECKPOINT_CASES + DEVICE_CASES
-                     + CONDITION_CASES)
+                     + CONDITION_CASES + OUTPUT_CASES)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -390,3 +414,22 @@ def test_a_safetensors_file_named_pth_and_a_torch_file_named_safetensors_load(tm
     torch_file("pt.safetensors")(tmp_path)
     for path in (tmp_path / "st.pth", tmp_path / "pt.safetensors"):
         assert load_model(path).config.embed_dim == 12
+
+
+def test_an_atomic_write_never_touches_a_users_file_named_like_its_temporary(tmp_path):
+    """The temporary was ``<name>.tmp``: a user's ``q.pt.tmp`` was overwritten, then deleted."""
+    (tmp_path / "q.pt.tmp").write_text("the user's file")
+    with files.atomic_path(tmp_path / "q.pt") as tmp:
+        tmp.write_text("result")
+    assert (tmp_path / "q.pt").read_text() == "result"
+    assert (tmp_path / "q.pt.tmp").read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt", "q.pt.tmp"]
+
+
+def test_an_interrupted_atomic_write_keeps_the_previous_file(tmp_path):
+    (tmp_path / "q.pt").write_text("previous")
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_path(tmp_path / "q.pt") as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["q.pt"] and (tmp_path / "q.pt").read_text() == "previous"
