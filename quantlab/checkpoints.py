@@ -45,12 +45,41 @@ def file_format(path: Path) -> str:
     return "unknown"
 
 
+def load_weights_only(path: str | Path) -> object:
+    """The content of a torch file (``torch.save``), loaded with ``weights_only=True`` so pickled code never
+    runs. A missing file is a FileNotFoundError; an empty, truncated or damaged file, or one carrying
+    pickled Python objects, a CheckpointError naming the file (never suggesting ``weights_only=False``).
+    For every torch file quantlab reads: checkpoints, quantized-model files, training and DQC states."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+    if file_format(path) != "torch":
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: it is not a torch file (zip or pickle)")
+    try:
+        # a file object: torch.load would hand a path ending in .safetensors to safetensors
+        with path.open("rb") as file, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that
+        raise CheckpointError(
+            f"{path} is not a weights-only checkpoint: it holds pickled Python objects besides tensors, which "
+            "quantlab does not load because unpickling them can run arbitrary code. Save the weights alone "
+            "(torch.save(model.state_dict(), ...) or safetensors) and pass that file"
+        ) from None
+    except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: it is truncated or damaged ({reason}); "
+                              "fetch or copy it again") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.pth``/``.safetensors`` file, unwrapped from ``params_ema``/``params``/``state_dict``.
 
-    The format is told from the file's first bytes (a safetensors file named ``.pth`` loads). torch files
-    are loaded with ``weights_only=True``: a file carrying pickled Python objects is refused and its code
-    never runs. Empty, truncated and damaged files are CheckpointErrors naming the file.
+    The format is told from the file's first bytes (a safetensors file named ``.pth`` loads); torch files
+    go through :func:`load_weights_only`. Empty, truncated and damaged files are CheckpointErrors naming
+    the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,32 +88,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"SwinIR-light checkpoint (e.g. 002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth) or one of "
             f"{sorted(EMBEDDED_MODELS)}."
         )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
-    fmt = file_format(path)
+    fmt = file_format(path) if path.stat().st_size else "torch"  # load_weights_only explains an empty file
     if fmt == "unknown":
         kind = "safetensors file" if path.suffix == ".safetensors" else "torch checkpoint"
         raise CheckpointError(f"{path} is not a readable {kind}: it is neither a torch file (zip or pickle) nor "
                               "a safetensors file; pass a SwinIR-light checkpoint (.pth or .safetensors)")
-    try:
-        if fmt == "safetensors":
+    if fmt == "torch":
+        state = load_weights_only(path)
+    else:
+        try:
             state = load_file(str(path))
-        else:
-            # a file object: torch.load would hand a path ending in .safetensors to safetensors
-            with path.open("rb") as file, warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
-                state = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's message would suggest weights_only=False: never do that
-        raise CheckpointError(
-            f"{path} is not a weights-only checkpoint: it holds pickled Python objects besides tensors, which "
-            "quantlab does not load because unpickling them can run arbitrary code. Save the weights alone "
-            "(torch.save(model.state_dict(), ...) or safetensors) and pass that file"
-        ) from None
-    except Exception as err:
-        kind = "safetensors file" if fmt == "safetensors" else "torch checkpoint"
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise CheckpointError(f"{path} is not a readable {kind}: it is truncated or damaged ({reason}); "
-                              "fetch or copy it again") from None
+        except Exception as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise CheckpointError(f"{path} is not a readable safetensors file: it is truncated or damaged ({reason}); "
+                                  "fetch or copy it again") from None
     for wrapper in ("params_ema", "params", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

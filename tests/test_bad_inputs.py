@@ -433,3 +433,18 @@ def test_an_interrupted_atomic_write_keeps_the_previous_file(tmp_path):
             tmp.write_text("half")
             raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["q.pt"] and (tmp_path / "q.pt").read_text() == "previous"
+
+
+def test_every_torch_file_goes_through_one_weights_only_load(tmp_path):
+    """load_weights_only (for quantized-model files, training and DQC states too) explains a damaged file
+    and refuses pickled code like load_model does."""
+    from quantlab.checkpoints import load_weights_only
+    torch.save({"step": torch.tensor(3)}, tmp_path / "state.pt")
+    assert load_weights_only(tmp_path / "state.pt")["step"].item() == 3
+    (tmp_path / "in").mkdir()
+    with pytest.raises(CheckpointError, match="not a weights-only checkpoint"):
+        load_weights_only(pickled_code(tmp_path / "in"))
+    cut(torch_file("cut.pt"))(tmp_path)
+    with pytest.raises(CheckpointError, match="cut.pt is not a readable torch checkpoint: it is truncated"):
+        load_weights_only(tmp_path / "cut.pt")
+    assert not (tmp_path / "PWNED").exists()
