@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,20 +31,77 @@ class CheckpointError(ValueError):
     """A weights file that cannot be loaded as SwinIR-light."""
 
 
+ZIP_MAGIC, PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"  # torch.save's zip format; legacy torch.save / pickle.dump
+
+
+def file_format(path: Path) -> str:
+    """``"safetensors"``, ``"torch"`` (zip or pickle) or ``"unknown"``, from the first bytes of ``path``."""
+    with path.open("rb") as file:
+        head = file.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if head.startswith(ZIP_MAGIC) or (head[:1] == PICKLE_PROTOCOL and head[1:2] in b"\x02\x03\x04\x05"):
+        return "torch"
+    return "unknown"
+
+
+def load_weights_only(path: str | Path) -> object:
+    """The content of a torch file (``torch.save``), loaded with ``weights_only=True`` so pickled code never
+    runs. A missing file is a FileNotFoundError; an empty, truncated or damaged file, or one carrying
+    pickled Python objects, a CheckpointError naming the file (never suggesting ``weights_only=False``).
+    For every torch file quantlab reads: checkpoints, quantized-model files, training and DQC states."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+    if file_format(path) != "torch":
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: it is not a torch file (zip or pickle)")
+    try:
+        # a file object: torch.load would hand a path ending in .safetensors to safetensors
+        with path.open("rb") as file, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that
+        raise CheckpointError(
+            f"{path} is not a weights-only checkpoint: it holds pickled Python objects besides tensors, which "
+            "quantlab does not load because unpickling them can run arbitrary code. Save the weights alone "
+            "(torch.save(model.state_dict(), ...) or safetensors) and pass that file"
+        ) from None
+    except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: it is truncated or damaged ({reason}); "
+                              "fetch or copy it again") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.safetensors`` file, unwrapped from ``params_ema``/``params``/``state_dict``."""
+    """Tensors of a ``.pth``/``.safetensors`` file, unwrapped from ``params_ema``/``params``/``state_dict``.
+
+    The format is told from the file's first bytes (a safetensors file named ``.pth`` loads); torch files
+    go through :func:`load_weights_only`. Empty, truncated and damaged files are CheckpointErrors naming
+    the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no weights file at {path}. Pass the path of a SwinIR-light checkpoint "
-            f"(e.g. 002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth) or one of {sorted(EMBEDDED_MODELS)}."
+            f"no weights file at {path}" + (" (it is a folder)" if path.is_dir() else "") + ". Pass the path of a "
+            f"SwinIR-light checkpoint (e.g. 002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth) or one of "
+            f"{sorted(EMBEDDED_MODELS)}."
         )
-    is_safetensors = path.suffix == ".safetensors"
-    try:
-        state = load_file(str(path)) if is_safetensors else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        kind = "safetensors file" if is_safetensors else "torch checkpoint"
-        raise CheckpointError(f"{path} is not a readable {kind} ({err})") from err
+    fmt = file_format(path) if path.stat().st_size else "torch"  # load_weights_only explains an empty file
+    if fmt == "unknown":
+        kind = "safetensors file" if path.suffix == ".safetensors" else "torch checkpoint"
+        raise CheckpointError(f"{path} is not a readable {kind}: it is neither a torch file (zip or pickle) nor "
+                              "a safetensors file; pass a SwinIR-light checkpoint (.pth or .safetensors)")
+    if fmt == "torch":
+        state = load_weights_only(path)
+    else:
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise CheckpointError(f"{path} is not a readable safetensors file: it is truncated or damaged ({reason}); "
+                                  "fetch or copy it again") from None
     for wrapper in ("params_ema", "params", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -98,6 +157,15 @@ def infer_config(state: dict[str, torch.Tensor]) -> SwinIRConfig:
     )
 
 
+def check_finite_weights(state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """CheckpointError naming the tensors of ``state`` that hold NaN or inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+        raise CheckpointError(f"{source} has NaN or inf weights in {bad[:8]}{more}: the file is damaged or its "
+                              "training diverged; use another checkpoint")
+
+
 def model_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> SwinIR:
     """Build a SwinIR with the inferred config and load ``state`` strictly."""
     state = from_official_keys(state)
@@ -111,6 +179,11 @@ def model_from_state_dict(state: dict[str, torch.Tensor], source: str = "state d
                 (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{source} is not a SwinIR-light checkpoint: " + "; ".join(problems))
+    if model.config.in_chans != 3:
+        raise CheckpointError(f"{source} is a {model.config.in_chans}-channel model (conv_first takes "
+                              f"{model.config.in_chans} input channels); quantlab scores and calibrates RGB models "
+                              "only: pass a 3-channel SwinIR-light checkpoint")
+    check_finite_weights(state, source)
     model.load_state_dict(state, strict=True)
     return model
 

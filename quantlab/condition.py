@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoints import check_finite_weights
+from .data import check_patches
+
 LINEAR_SUFFIXES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 PROX_VARIANTS = ("variance", "band", "clip_top")
 QKV_MODES = ("joint", "split")
@@ -97,7 +100,8 @@ class Target:
 
 
 def linear_targets(model: nn.Module, qkv_mode: str = "joint") -> list[Target]:
-    """The qkv, proj, fc1 and fc2 layers of every Swin block, in model order; qkv split into q/k/v if asked."""
+    """The qkv, proj, fc1 and fc2 layers of every Swin block, in model order; qkv split into q/k/v if asked.
+    A ValueError names the layers whose weights hold NaN or inf (they cannot be conditioned)."""
     targets = []
     for name, module in model.named_modules():
         if not (isinstance(module, nn.Linear) and name.endswith(LINEAR_SUFFIXES)):
@@ -109,6 +113,8 @@ def linear_targets(model: nn.Module, qkv_mode: str = "joint") -> list[Target]:
             targets.append(Target(name, name, slice(None)))
     if not targets:
         raise ValueError(f"no Swin linear layers ({', '.join(LINEAR_SUFFIXES)}) in {type(model).__name__}")
+    modules = dict(model.named_modules())
+    check_finite_weights({f"{t.module}.weight": modules[t.module].weight.detach() for t in targets}, "the model")
     return targets
 
 
@@ -153,6 +159,11 @@ def _collect(
     unused = sorted(set(modules) - set(sums))
     if unused:
         raise RuntimeError(f"layers never called during the calibration pass: {unused}")
+    broken = [name for name in modules if not torch.isfinite(sums[name]).all()]
+    if broken:
+        more = f" (+{len(broken) - 4} more)" if len(broken) > 4 else ""
+        raise ValueError(f"the inputs of {broken[:4]}{more} hold NaN or inf (activations overflowed): check the "
+                         "model's weights and that the patches are RGB in [0, 1]")
     return {name: sums[name] / counts[name] for name in modules}
 
 
@@ -294,6 +305,7 @@ def condition_model(
     and the seconds spent on statistics and on optimisation are in ``report.attrs``.
     """
     config = replace(config or ConditionConfig(), **options)
+    check_patches(calibration_patches)
     conditioned = copy.deepcopy(model).eval()
     device = next(conditioned.parameters()).device
     n_held = round(config.held_out * len(calibration_patches))

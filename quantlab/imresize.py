@@ -57,13 +57,21 @@ def imresize(image: np.ndarray, scale: float) -> np.ndarray:
     """MATLAB ``imresize(image, scale, 'bicubic')`` of a uint8 (H, W) or (H, W, C) array."""
     if image.dtype != np.uint8:
         raise TypeError(f"imresize expects a uint8 image, got {image.dtype}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"imresize scale must be a finite number > 0, got {scale!r}")
+    if image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
+        raise ValueError(f"imresize expects an (H, W) or (H, W, C) image with H, W >= 1, got shape {image.shape}")
     out_h, out_w = (int(math.ceil(n * scale)) for n in image.shape[:2])
     return resize_axis(resize_axis(image, 0, out_h, scale), 1, out_w, scale)
 
 
 def modcrop(image: np.ndarray, scale: int) -> np.ndarray:
-    """Trim height and width to multiples of ``scale`` (bottom/right)."""
+    """Trim height and width to multiples of ``scale`` (bottom/right); ValueError if nothing would remain."""
     h, w = image.shape[:2]
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise ValueError(f"modcrop scale must be a whole number >= 1, got {scale!r}")
+    if h < scale or w < scale:
+        raise ValueError(f"a {w}x{h} image is smaller than the scale x{scale}: it has no LR pixel")
     return image[: h - h % scale, : w - w % scale]
 
 

@@ -14,10 +14,23 @@ MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 1 << 30, 2**31 - 1
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when available, else CPU. A device that is not a torch device, or
+    one this machine lacks (``cuda`` without CUDA, ``cuda:3`` with one GPU), is a ValueError naming it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:<index> or mps") from None
+    backend = getattr(torch, picked.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu, ...
+    if picked.type != "meta" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise ValueError(f"device {device!r} is not available on this machine (torch {torch.__version__} sees no "
+                         f"{picked.type.upper()} device); use cpu")
+    count = getattr(backend, "device_count", None)
+    if picked.index is not None and callable(count) and picked.index >= count():
+        raise ValueError(f"device {device!r} does not exist: this machine has {count()} {picked.type} device(s); "
+                         f"use {picked.type}:0 .. {picked.type}:{count() - 1}")
+    return picked
 
 
 def reuse_freed_memory() -> bool:

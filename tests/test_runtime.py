@@ -12,6 +12,19 @@ from quantlab.runtime import MMAP_THRESHOLD_BYTES, pick_device, reuse_freed_memo
 def test_pick_device():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device(torch.device("meta")) == torch.device("meta")  # the tests' stand-in for a GPU
+
+
+def test_a_device_this_machine_lacks_is_a_value_error(monkeypatch):
+    """``cuda`` without CUDA passed pick_device and failed later inside torch; a missing GPU index too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"device 'cuda:1' does not exist: this machine has 1 cuda device"):
+        pick_device("cuda:1")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
