@@ -12,7 +12,7 @@ export QUANTLAB_REQUIRE_BROWSER
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test,cluster]"
 	touch $(STAMP)
 
 # Debian's chromium package, for the explorer's end-to-end test (Playwright drives it; we never
@@ -23,7 +23,7 @@ chromium:
 	  $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 run: $(STAMP)
-	$(VENV)/bin/quantlab reproduce --quick
+	$(VENV)/bin/quantlab reproduce --quick --figures figures
 
 test: $(STAMP) chromium
 	$(VENV)/bin/python -m pytest

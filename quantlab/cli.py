@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,11 +19,14 @@ from .calibrate import DOBI_MODES
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .data import Benchmark
 from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .files import check_output_path
+from .grid import GridFailed, fill
 from .pipeline import load_quantized, quantize_to_file
 from .quant import MAX_BITS, MIN_BITS, quantizers
-from .reproduce import FIGURES_DIR, NOTEBOOKS, NotebookFailed, reproduce
+from .reproduce import NOTEBOOKS, NotebookFailed, reproduce, table_grids
 from .results import (caption_for, paper_layout, psnr_ssim_table, results_grid, save_table, to_markdown,
                       write_csv_atomic)
+from .runtime import pick_device
 from .train import TrainConfig, Trainer
 
 SCALES = (2, 3, 4)
@@ -56,26 +60,54 @@ def int_list(allowed: Sequence[int]) -> Callable[[str], list[int]]:
     return parse
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def dataset_list(text: str) -> list[str]:
-    """An argparse type: a comma list of benchmark sets, each found in the data folder before any computation."""
+    """An argparse type: a comma list of distinct benchmark sets, each found in the data folder before any
+    computation."""
     names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError("give at least one set, e.g. Set5,Set14")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given twice; name each set once")
     for name in names:
         try:
-            Benchmark(name, SCALES[0])  # the same images at every scale
-        except FileNotFoundError as err:
+            Benchmark(name, SCALES[0])
+        except (OSError, ValueError) as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return names
 
 
+def check_benchmarks(datasets: list[str], scales: Iterable[int]) -> None:
+    """Open every (set, scale) before any computation, so that a missing or mismatched LR image of one
+    scale is found first, not after the other scales were computed."""
+    for scale in scales:
+        for name in datasets:
+            Benchmark(name, scale)
+
+
+def model_for_scale(template: str, scale: int) -> str:
+    """``template`` with ``{scale}`` replaced (no other brace is interpreted, so paths may hold braces)."""
+    return template.replace("{scale}", str(scale))
+
+
 def patch_schedule(text: str) -> list[tuple[int, int]]:
-    """An argparse type: ``until_step:size`` pairs."""
+    """An argparse type: ``until_step:size`` pairs, steps rising, sizes of at least 8 LR pixels."""
+    usage = f"must be until_step:size pairs with rising steps such as 4000:32,1000000000:48; got {text!r}"
     try:
-        return [(int(until), int(size)) for until, size in (item.split(":") for item in comma_list(text))]
+        pairs = [(int(until), int(size)) for until, size in (item.split(":") for item in comma_list(text))]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be until_step:size pairs such as 4000:32,1000000000:48; "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(usage) from None
+    steps = [until for until, _ in pairs]
+    if not pairs or steps[0] < 1 or steps != sorted(set(steps)) or min(size for _, size in pairs) < 8:
+        raise argparse.ArgumentTypeError(usage)
+    return pairs
 
 
 def resolve_models(names: list[str], scales: list[int] | None,
@@ -108,6 +140,8 @@ def model_label(name: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    pick_device(args.device)  # a bad --device fails before anything is loaded, bicubic-only runs too
+    outputs = [check_output_path(Path(args.out) / name) for name in ("per_image.csv", "summary.csv")] if args.out else []
     models = resolve_models(comma_list(args.model), args.scale, args.device)
     if not models:
         raise ValueError("nothing to evaluate: no model matched --model/--scale")
@@ -116,6 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json and len(models) > 1:
         raise ValueError(f"--json prints one model at one scale; got {len(models)}: "
                          f"{[(name, scale) for name, scale, _ in models]}")
+    check_benchmarks(args.datasets, sorted({scale for _, scale, _ in models}))
     frames = []
     for name, scale, upscaler in models:
         if args.quantized:
@@ -125,16 +160,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
         frames.append(scores.assign(method=model_label(name), scale=scale))
     scores = pd.concat(frames, ignore_index=True)
     summary = summarize(scores, by=("method", "scale", "dataset"))
-    if args.out:
-        write_csv_atomic(per_image(scores), Path(args.out) / "per_image.csv")
-        write_csv_atomic(summary, Path(args.out) / "summary.csv")
-    if args.json:
-        print(json.dumps({row.dataset: {"psnr": row.psnr, "ssim": row.ssim, "images": int(row.images)}
-                          for row in summary.itertuples()}))
+    if outputs:
+        write_csv_atomic(per_image(scores), outputs[0])
+        write_csv_atomic(summary, outputs[1])
+    if args.json:  # strict JSON: an infinite PSNR (SR output equal to HR) is null
+        print(json.dumps({row.dataset: {"psnr": row.psnr if math.isfinite(row.psnr) else None, "ssim": row.ssim,
+                                        "images": int(row.images)} for row in summary.itertuples()}, allow_nan=False))
         return
     print(psnr_ssim_table(summary).to_string())
-    if args.out:
-        print(f"\nwritten: {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'per_image.csv'}")
+    if outputs:
+        print(f"\nwritten: {outputs[1]}, {outputs[0]}")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -154,20 +189,31 @@ def method_options(args: argparse.Namespace) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     options = method_options(args)
+    check_output_path(args.out, inputs=[args.model])
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
-    qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, train_folder=args.data,
-                              **options)
+    qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, inputs=[args.model],
+                              train_folder=args.data, **options)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
+    if Path(args.name).name != args.name or args.name in (".", ".."):
+        raise ValueError(f"--name is a file stem inside --out, got {args.name!r}; use --out to choose the folder")
+    for suffix in ("csv", "md", "tex"):
+        check_output_path(Path(args.out) / f"{args.name}.{suffix}")
+    for method in comma_list(args.methods):
+        methods.get(method)
+    check_benchmarks(args.datasets, args.scales)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sources = list(dict.fromkeys(args.model.format(scale=s) for s in args.scales))
+    sources = list(dict.fromkeys(model_for_scale(args.model, s) for s in args.scales))
+    if args.workers or args.scheduler:
+        fill(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out, args.limit,
+             args.data, workers=args.workers, scheduler=args.scheduler)
     results = results_grid(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out,
-                           args.limit)
+                           args.limit, train_folder=args.data)
     caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers")
     paths = save_table(results, args.out, args.name, caption)
     print(to_markdown(paper_layout(results, paper=True), caption))
@@ -178,10 +224,16 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each notebook kernel
     mode = "full" if args.full else "quick"
-    print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {args.figures}")
+    only = None if args.only is None else comma_list(args.only)
+    if only == []:
+        raise ValueError(f"--only names no notebook; give some of {','.join(n.name for n in NOTEBOOKS)} or drop it")
+    figures = args.figures or Path(args.out) / "figures"
+    print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {figures}")
+    if args.workers or args.scheduler:
+        for grid in table_grids(quick=not args.full, only=only):
+            fill(**grid, out=args.out, workers=args.workers, scheduler=args.scheduler)
     try:
-        times = reproduce(quick=not args.full, only=comma_list(args.only) if args.only else None, out=args.out,
-                          figures=args.figures)
+        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures)
     except NotebookFailed as err:
         print(f"quantlab reproduce: {err}", file=sys.stderr)
         sys.exit(1)
@@ -189,6 +241,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    pick_device(args.device)
+    if args.export:
+        check_output_path(args.export, inputs=[args.init_from] if args.init_from else [])
+    if args.patch_schedule[-1][0] < args.steps:
+        raise ValueError(f"--patch-schedule ends at step {args.patch_schedule[-1][0]}, before --steps {args.steps}: "
+                         "make its last until_step at least --steps")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
@@ -203,6 +261,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"exported {args.export}")
 
 
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` / ``--scheduler``: compute the grid's cells as Dask tasks first (:mod:`quantlab.grid`)."""
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=positive_int, default=None,
+                         help="compute the cells on a local Dask cluster of N worker processes (pip install "
+                         "'quantlab[cluster]')")
+    cluster.add_argument("--scheduler", default=None, help="compute the cells on the Dask scheduler at tcp://HOST:PORT "
+                         "(--out must be on storage every worker sees)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="quantlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma list of scales for bicubic/default (default 2,3,4); a checkpoint brings its own")
     ev.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
-    ev.add_argument("--limit", type=int, default=None, help="first N images of each set (quick checks)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="first N images of each set (quick checks)")
     ev.add_argument("--device", default=None, help=DEVICE_HELP)
     ev.add_argument("--quantized", default=None, help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
@@ -235,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
-    qu.add_argument("--threads", type=int, default=None)
+    qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", default=None, help=DEVICE_HELP)
     qu.add_argument("--out", required=True,
                     help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
@@ -249,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"from {','.join(methods.names())}")
     ta.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ta.add_argument("--preset", default="quick", choices=methods.PRESETS)
-    ta.add_argument("--limit", type=int, default=None, help="first N images of each set")
+    ta.add_argument("--limit", type=positive_int, default=None, help="first N images of each set")
+    ta.add_argument("--data", default=None, help="folder of HR training images for calibration (default <data>/train)")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
-    ta.add_argument("--threads", type=int, default=None)
+    ta.add_argument("--threads", type=positive_int, default=None)
     ta.add_argument("--out", default="results", help="results folder (cache + tables)")
+    add_cluster_arguments(ta)
     ta.set_defaults(func=cmd_table)
 
     re = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill, in dependency order")
@@ -261,15 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--full", action="store_true", help="the papers' grid (hours; resumes through the cache)")
     re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
     re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")
-    re.add_argument("--figures", default=str(FIGURES_DIR), help="folder for PNG/PDF figures")
-    re.add_argument("--threads", type=int, default=None, help="torch threads of the notebook kernels")
+    re.add_argument("--figures", default=None, help="folder for PNG/PDF figures (default <out>/figures; "
+                    "the committed ones: --figures figures in the checkout, as make run does)")
+    re.add_argument("--threads", type=positive_int, default=None, help="torch threads of the notebook kernels")
+    add_cluster_arguments(re)
     re.set_defaults(func=cmd_reproduce)
 
     tr = sub.add_parser("train", help="train or fine-tune SwinIR-light (resumes from <out>/checkpoint.pt)")
     tr.add_argument("--scale", type=int, default=2, choices=SCALES)
-    tr.add_argument("--steps", type=int, default=10000, help="length of the LR schedule")
-    tr.add_argument("--until", type=int, default=None, help="stop at this step (resume later)")
-    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--steps", type=positive_int, default=10000, help="length of the LR schedule")
+    tr.add_argument("--until", type=positive_int, default=None, help="stop at this step (resume later)")
+    tr.add_argument("--batch-size", type=positive_int, default=16)
     tr.add_argument("--patch-schedule", type=patch_schedule, default="1000000000:48",
                     help="LR crop sizes as until_step:size,... e.g. 4000:32,1000000000:48")
     tr.add_argument("--lr", type=float, default=1e-3)
@@ -279,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     tr.add_argument("--val-every", type=int, default=250)
     tr.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--threads", type=positive_int, default=None)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default=None, help=DEVICE_HELP)
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
@@ -297,3 +369,6 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as err:
         print(f"quantlab {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
+    except GridFailed as err:
+        print(f"quantlab {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(1)

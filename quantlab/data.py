@@ -173,6 +173,9 @@ class Benchmark:
         self.scale = s = check_scale(scale)
         if limit is not None:
             check_count(limit, "limit (the number of images per set)")
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"benchmark {name!r} is not a set name (a folder under benchmark/, e.g. Set5); "
+                             "to use another data folder set QUANTLAB_DATA")
         root = Path(root) if root else data_root()
         if not root.is_dir():
             raise FileNotFoundError(f"data folder {root} not found; pass the folder holding benchmark/<set>/HR")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,9 +17,9 @@ import torch
 from torch import nn
 
 from . import methods
-from .checkpoints import weights_fingerprint
+from .checkpoints import load_weights_only, weights_fingerprint
 from .data import calibration_patches
-from .files import atomic_path
+from .files import atomic_path, check_output_path
 from .methods import Calibration, MethodConfig
 from .quant import QuantConfig, quantizers
 
@@ -112,22 +113,36 @@ def v1_state(payload: dict) -> dict[str, torch.Tensor]:
 
 
 def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
-    """Rebuild the quantized model of ``path`` on ``fp_model``; refuses a file made for other weights."""
+    """Rebuild the quantized model of ``path`` on ``fp_model``. A file made for other weights, or one that is
+    not a complete quantlab quantized-model file (foreign, damaged, non-finite or misshapen state), is
+    refused with a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no quantized-model file at {path}; make one with 'quantlab quantize ... --out {path}'")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_weights_only(path)
+    remake = f"make it again with 'quantlab quantize ... --out {path}'"
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *OLD_FORMATS):
-        raise ValueError(f"{path} is not a quantlab quantized-model file ({FORMAT})")
-    meta = json.loads(payload["meta"])
-    if meta["fp_sha256"] != weights_fingerprint(fp_model):
-        raise ValueError(f"{path} was calibrated on other FP weights (sha256 {meta['fp_sha256'][:12]}...); "
+        raise ValueError(f"{path} is not a quantlab quantized-model file ({FORMAT}); {remake}")
+    try:
+        meta = json.loads(payload["meta"])
+        fingerprint, quant_config = meta["fp_sha256"], QuantConfig(**meta["config"])
+        config = method_config_of(meta)
+        state = payload["state"] if payload["format"] == FORMAT else v1_state(payload)
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is a damaged quantized-model file ({' '.join(str(err).split())}); {remake}") from None
+    if fingerprint != weights_fingerprint(fp_model):
+        raise ValueError(f"{path} was calibrated on other FP weights (sha256 {fingerprint[:12]}...); "
                          "load it with the FP model it was made from")
-    config = method_config_of(meta)
-    qmodel = methods.fresh_model(fp_model, config, QuantConfig(**meta["config"]))
-    state = payload["state"] if payload["format"] == FORMAT else v1_state(payload)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor) or not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds non-finite or non-tensor values in {bad[:4]}; {remake}")
+    qmodel = methods.fresh_model(fp_model, config, quant_config)
     expected = {f"{name}.{key}" for name, q in quantizers(qmodel) for key in q.state_dict()}
-    result = qmodel.load_state_dict(state, strict=False)
+    try:
+        result = qmodel.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that differ from this model's
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{path} does not fit this model ({reason[:300]}); {remake}") from None
     if result.unexpected_keys or expected - set(state):
         raise ValueError(f"{path} does not match the quantizer layout of this model "
                          f"(unexpected {result.unexpected_keys[:4]}, missing {sorted(expected - set(state))[:4]})")
@@ -136,10 +151,12 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
 
 
 def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
-                     **options) -> nn.Module:
+                     inputs: Iterable[str | Path] = (), **options) -> nn.Module:
     """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes from ``path`` with
-    the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written."""
-    path = Path(path)
+    the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written.
+    ``path`` is checked before any computation: not a folder, not under a file, not one of ``inputs``
+    (e.g. the FP checkpoint the run reads)."""
+    path = check_output_path(path, inputs)
     checkpoint = path.with_suffix(".dqc.pt")
     qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
     save_quantized(qmodel, fp_model, path)

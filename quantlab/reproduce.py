@@ -14,8 +14,9 @@ from pathlib import Path
 
 import papermill
 
+from .methods import table_rows
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,14 @@ class Notebook:
     quick: dict
     full: dict
     figures: tuple[str, ...] = ()
+    table: str | None = None  # the paper table whose grid it computes (quantlab.methods.table_rows)
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised; the message names the notebook, the cell and the executed copy."""
 
 
+DEFAULT_MODEL = "default-x{scale}"  # the notebooks' model parameter: the embedded model of each scale
 QUICK_DATASETS = ["Set5", "Set14"]
 QUICK_LIMIT = 1  # first image of each set: a whole Set14 pass takes 1.5 (FP) to 2.3 (fake-quantized) min on 2 cores
 FULL_DATASETS = ["Set5", "Set14", "B100", "Urban100", "Manga109"]
@@ -42,11 +45,11 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("03_table_2dquant",
              quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, preset="quick"),
              full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper"),
-             figures=("2dquant_table3_gap_to_fp.png", "2dquant_table3_gap_to_fp.pdf")),
+             figures=("2dquant_table3_gap_to_fp.png", "2dquant_table3_gap_to_fp.pdf"), table="2dquant"),
     Notebook("09_table_condiquant",
              quick=dict(scales=[2], bits=[2], datasets=QUICK_DATASETS, limit=QUICK_LIMIT, preset="quick"),
              full=dict(scales=[2, 3, 4], bits=[4, 3, 2], datasets=FULL_DATASETS, preset="paper"),
-             figures=("condiquant_table3_gap_to_fp.png",)),
+             figures=("condiquant_table3_gap_to_fp.png",), table="condiquant"),
     Notebook("04_ablations",
              quick=dict(scale=2, bits=2, datasets=QUICK_DATASETS, limit=QUICK_LIMIT, learning_rates=[], batch_sizes=[],
                         dqc_only=False),
@@ -66,6 +69,20 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("10_condition_sweep", quick={}, full={}, figures=("condiquant_sweep_lambda.png",)),
     Notebook("06_explorer", quick={}, full={}, figures=("explorer_minmax_2bit.png", "explorer_dobi_2bit.png")),
 )
+
+
+def table_grids(quick: bool = True, only: Iterable[str] | None = None) -> list[dict]:
+    """The results grids the chosen table notebooks compute, as keyword arguments of
+    :func:`quantlab.grid.fill` / :func:`quantlab.results.results_grid` (models, bits, methods, datasets,
+    preset, limit): filled first on a cluster, they make the notebooks read every number from the cache."""
+    grids = []
+    for notebook in select(only):
+        if notebook.table:
+            p = notebook.quick if quick else notebook.full
+            grids.append({"models": [DEFAULT_MODEL.replace("{scale}", str(s)) for s in p["scales"]], "bits": p["bits"],
+                          "methods": table_rows(notebook.table), "datasets": p["datasets"], "preset": p["preset"],
+                          "limit": p.get("limit")})
+    return grids
 
 
 def notebook_path(name: str, folder: str | Path | None = None) -> Path:
@@ -111,14 +128,15 @@ def select(only: Iterable[str] | None = None) -> list[Notebook]:
 
 
 def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | Path = "results",
-              figures: str | Path = FIGURES_DIR, overrides: dict | None = None, folder: str | Path | None = None,
+              figures: str | Path | None = None, overrides: dict | None = None, folder: str | Path | None = None,
               report: Callable[[str], None] = partial(print, flush=True)) -> list[tuple[str, float, dict]]:
     """Run the notebooks (quick or full parameters) in dependency order with papermill; executed
-    copies go to ``<out>/notebooks``. ``overrides`` (e.g. ``{"model": path}``) replace parameters a
+    copies go to ``<out>/notebooks``, figures to ``figures`` (default ``<out>/figures``). ``overrides`` (e.g. ``{"model": path}``) replace parameters a
     notebook has. ``report`` gets a line when each notebook starts and one with its wall time (s) when
     it ends. Stops at the first failure with :class:`NotebookFailed`. Returns [(notebook, seconds,
     parameters)]."""
-    out, figures = Path(out).resolve(), Path(figures).resolve()
+    out = Path(out).resolve()
+    figures = Path(figures).resolve() if figures is not None else out / "figures"
     chosen = select(only)
     times = []
     for index, notebook in enumerate(chosen, 1):

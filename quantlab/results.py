@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import methods as registry
 from .checkpoints import load_model
+from .data import Benchmark
 from .evaluation import evaluate, per_image
 from .files import atomic_path
 from .methods import FP_BITS, MethodConfig
@@ -96,7 +99,10 @@ class ResultsCache:
         config = registry.resolve(method, bits, preset, **overrides)
         path = self.quantized_path(mid, config)
         if path.is_file():
-            return load_quantized(path, fp)
+            try:
+                return load_quantized(path, fp)
+            except ValueError as err:
+                warnings.warn(f"recomputing {path}: the cached model cannot be used ({err})", stacklevel=2)
         request = registry.stage1_request(config)
         stage1 = (self.quantized(source, request[0], bits, preset, progress=progress, **request[1])
                   if request else None)
@@ -116,8 +122,9 @@ class ResultsCache:
         fp, mid = self.fp_model(source)
         config = registry.resolve(method, bits, preset, **overrides)
         path = self.cell_path(mid, fp.config.scale, config, dataset, limit)
-        if path.is_file():
-            return pd.read_csv(path)
+        cached = read_cell(path, len(Benchmark(dataset, fp.config.scale, limit=limit))) if path.is_file() else None
+        if cached is not None:
+            return cached
         entry = registry.get(method)
         upscaler = (entry.upscaler(fp) if not entry.quantized
                     else self.quantized(source, method, bits, preset, progress=progress, **overrides))
@@ -126,6 +133,24 @@ class ResultsCache:
         write_csv_atomic(frame, path)
         self.write_manifest(path, mid, config, dataset=dataset, limit=limit)
         return frame
+
+
+def read_cell(path: Path, images: int) -> pd.DataFrame | None:
+    """The cached per-image scores at ``path`` when they are whole (``images`` rows with an image name and
+    numeric PSNR/SSIM, SSIM finite); otherwise None, with a warning naming the file (it is recomputed)."""
+    try:
+        frame = pd.read_csv(path)
+        scores = frame[["psnr", "ssim"]].apply(pd.to_numeric, errors="coerce")
+        whole = (len(frame) == images and frame["image"].notna().all() and not scores["psnr"].isna().any()
+                 and np.isfinite(scores["ssim"]).all())
+    except (OSError, ValueError, KeyError, pd.errors.ParserError) as err:
+        whole, reason = False, " ".join(str(err).split())
+    else:
+        reason = f"expected {images} rows of numeric scores"
+    if whole:
+        return frame.assign(psnr=scores["psnr"], ssim=scores["ssim"])
+    warnings.warn(f"recomputing {path}: the cached cell is damaged ({reason})", stacklevel=3)
+    return None
 
 
 def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[str],

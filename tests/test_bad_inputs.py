@@ -22,6 +22,8 @@ from PIL import Image
 
 from quantlab import data, files, imresize, metrics, runtime
 from quantlab.checkpoints import CheckpointError, load_model, save_model
+from quantlab.cli import main
+from quantlab.pipeline import quantize_with, save_quantized
 from quantlab.condition import condition_model, condition_numbers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -355,8 +357,127 @@ OUTPUT_CASES = [
          ValueError, r"notes\.txt is also an input of this run"),
 ]
 
+
+
+def cli(*args: str | Callable[[Path], str]) -> Callable[[Path], object]:
+    """A call running ``quantlab`` with ``args``; a callable argument is given the case's folder."""
+    return lambda folder: main([a(folder) if callable(a) else a for a in args])
+
+
+def model_file(folder: Path) -> Path:
+    """The folder, holding the tiny model as ``m.safetensors``."""
+    safetensors_file(folder)
+    return folder
+
+
+def quantized_file(edit: Callable[[dict], object] = lambda payload: None, keep: float = 1.0) -> Callable[[Path], Path]:
+    """A maker of the folder with ``m.safetensors`` and ``q.pt``, a MinMax W4A4 file of it after ``edit(payload)``,
+    cut to its first ``keep`` fraction."""
+    def make(folder: Path) -> Path:
+        fp = load_model(safetensors_file(folder))
+        save_quantized(quantize_with(fp, "minmax", 4, patches=torch.rand(2, 3, 8, 8)), fp, folder / "q.pt")
+        payload = torch.load(folder / "q.pt", weights_only=True)
+        edit(payload)
+        torch.save(payload, folder / "q.pt")
+        content = (folder / "q.pt").read_bytes()
+        (folder / "q.pt").write_bytes(content[: int(len(content) * keep)])
+        return folder
+    return make
+
+
+def first_bound(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    def edit(payload: dict) -> None:
+        name = next(k for k in payload["state"] if k.endswith(".lower"))
+        payload["state"][name] = change(payload["state"][name])
+    return edit
+
+
+def with_file(maker: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    """The folder, holding the tiny model and ``notes.txt`` (a file to sit an output under) after ``maker``."""
+    def make(folder: Path) -> Path:
+        model_file(folder)
+        (folder / "notes.txt").write_text("keep me")
+        return maker(folder) if maker else folder
+    return make
+
+
+def model(folder: Path) -> str:
+    return str(folder / "m.safetensors")
+
+
+def quantized(folder: Path) -> str:
+    return str(folder / "q.pt")
+
+
+EVAL = ("eval", "--model", model, "--datasets", "Set5", "--limit", "1")
+CLI_CASES = [
+    Case("cli-limit-negative", nothing, cli("eval", "--model", "bicubic", "--limit", "-1"), SystemExit,
+         r"argument --limit: must be a whole number of at least 1, got '-1'"),
+    Case("cli-limit-zero", nothing, cli("table", "--limit", "0"), SystemExit, r"argument --limit: .*got '0'"),
+    Case("cli-threads-negative", nothing, cli("quantize", "--method", "dobi", "--threads", "-1", "--out", "q.pt"),
+         SystemExit, r"argument --threads: must be a whole number"),
+    Case("cli-until-zero", nothing, cli("train", "--out", "run", "--until", "0"), SystemExit, r"argument --until"),
+    Case("cli-steps-zero", nothing, cli("train", "--out", "run", "--steps", "0"), SystemExit, r"argument --steps"),
+    Case("cli-datasets-twice", nothing, cli("eval", "--model", "bicubic", "--datasets", "Set5,Set5"), SystemExit,
+         r"Set5 given twice; name each set once"),
+    Case("cli-dataset-path", nothing, cli("eval", "--model", "bicubic", "--datasets", "../Set5"), SystemExit,
+         r"'\.\./Set5' is not a set name"),
+    Case("cli-dataset-unknown", nothing, cli("eval", "--model", "bicubic", "--datasets", "Set6"), SystemExit,
+         r"benchmark 'Set6' not found"),
+    Case("cli-table-name-path", nothing, cli("table", "--name", "../x"), SystemExit,
+         r"--name is a file stem inside --out, got '\.\./x'"),
+    Case("cli-table-unknown-method", nothing, cli("table", "--methods", "fp,nope"), SystemExit,
+         r"unknown method 'nope'; choose one of fp, bicubic"),
+    Case("cli-table-out-under-file", with_file(None), cli("table", "--out", lambda f: str(f / "notes.txt")),
+         SystemExit, r"notes\.txt is a file, not a folder"),
+    Case("cli-table-model-brace", nothing, cli("table", "--model", "no{such.pth", "--datasets", "Set5"), SystemExit,
+         r"no\{such\.pth"),
+    Case("cli-reproduce-only-empty", nothing, cli("reproduce", "--only", ","), SystemExit,
+         r"--only names no notebook"),
+    Case("cli-reproduce-only-unknown", nothing, cli("reproduce", "--only", "nope", "--out", "x"), SystemExit,
+         r"unknown notebook\(s\) \['nope'\]"),
+    Case("cli-quantize-over-its-model", model_file,
+         cli("quantize", "--model", model, "--method", "minmax", "--out", model), SystemExit,
+         r"m\.safetensors is also an input of this run"),
+    Case("cli-quantize-out-folder", model_file, cli("quantize", "--model", model, "--method", "minmax", "--out",
+                                                    lambda f: str(f)), SystemExit, r"is a folder; give a file path"),
+    Case("cli-quantize-out-under-file", with_file(None), cli("quantize", "--model", model, "--method", "2dquant",
+                                                             "--out", lambda f: str(f / "notes.txt" / "q.pt")),
+         SystemExit, r"notes\.txt is a file, not a folder"),
+    Case("cli-quantize-teacher-minmax", nothing, cli("quantize", "--method", "minmax", "--teacher", "fp", "--out", "q"),
+         SystemExit, r"--teacher applies to --method condiquant only"),
+    Case("cli-quantize-device", model_file, cli("quantize", "--model", model, "--method", "minmax", "--device", "bogus",
+                                                "--out", lambda f: str(f / "q.pt")), SystemExit, r"bogus"),
+    Case("cli-eval-device", nothing, cli("eval", "--model", "bicubic", "--device", "bogus"), SystemExit, r"bogus"),
+    Case("cli-eval-out-under-file", with_file(None), cli(*EVAL, "--out", lambda f: str(f / "notes.txt")), SystemExit,
+         r"notes\.txt is a file, not a folder"),
+    Case("cli-eval-quantized-bicubic", nothing, cli("eval", "--model", "bicubic", "--quantized", "q.pt"), SystemExit,
+         r"--quantized needs exactly one FP model"),
+    Case("cli-train-export-under-file", with_file(None), cli("train", "--out", lambda f: str(f / "run"), "--export",
+                                                             lambda f: str(f / "notes.txt" / "w.safetensors")),
+         SystemExit, r"notes\.txt is a file, not a folder"),
+    Case("cli-train-schedule-short", nothing, cli("train", "--out", "run", "--steps", "100", "--patch-schedule", "10:32"),
+         SystemExit, r"--patch-schedule ends at step 10, before --steps 100"),
+    Case("cli-train-schedule-zero", nothing, cli("train", "--out", "run", "--patch-schedule", "0:32"), SystemExit,
+         r"argument --patch-schedule: must be until_step:size pairs with rising steps"),
+    Case("cli-quantized-empty", quantized_file(keep=0.0), cli(*EVAL, "--quantized", quantized), SystemExit,
+         r"q\.pt is empty \(0 bytes\)"),
+    Case("cli-quantized-truncated", quantized_file(keep=0.5), cli(*EVAL, "--quantized", quantized), SystemExit,
+         r"q\.pt is not a readable torch checkpoint"),
+    Case("cli-quantized-foreign", lambda f: torch_file("q.pt")(model_file(f)) and f,
+         cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a quantlab quantized-model file"),
+    Case("cli-quantized-nan-bound", quantized_file(first_bound(lambda b: b * float("nan"))),
+         cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt holds non-finite or non-tensor values"),
+    Case("cli-quantized-bound-shape", quantized_file(first_bound(lambda b: b.repeat(3))),
+         cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt does not fit this model"),
+    Case("cli-quantized-meta", quantized_file(lambda payload: payload.update(meta="{")),
+         cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is a damaged quantized-model file"),
+    Case("cli-quantized-pickled-code", lambda f: pickled_code(model_file(f)).rename(f / "q.pt") and f,
+         cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a weights-only checkpoint"),
+]
+
 CASES: list[Case] = (IMAGE_CASES + BENCHMARK_CASES + PATCH_CASES + METRIC_CASES + CHECKPOINT_CASES + DEVICE_CASES
-                     + CONDITION_CASES + OUTPUT_CASES)
+                     + CONDITION_CASES + OUTPUT_CASES + CLI_CASES)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -367,7 +488,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def test_case_ids_are_unique():
     ids = [case.id for case in CASES]
-    assert len(ids) == len(set(ids)) and len(ids) >= 30
+    assert len(ids) == len(set(ids)) and len(ids) >= 60
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from quantlab import cli, pipeline
@@ -121,3 +122,13 @@ def test_usage_errors_are_one_line(args, message, capsys):
         main(args)
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_json_is_strict_when_a_psnr_is_infinite(monkeypatch, capsys):
+    """An SR output equal to HR has an infinite PSNR: --json prints null there, never the non-JSON Infinity."""
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: pd.DataFrame(
+        {"dataset": ["Set5"] * 2, "image": ["a", "mean"], "psnr": [float("inf")] * 2, "ssim": [1.0, 1.0],
+         "subset": [False] * 2}))
+    main(["eval", "--model", "bicubic", "--scale", "2", "--datasets", "Set5", "--json"])
+    assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {
+        "Set5": {"psnr": None, "ssim": 1.0, "images": 1}}

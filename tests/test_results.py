@@ -148,3 +148,19 @@ def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, t
     assert calibrations == [1, 1] and release.method_config.settings["dobi_mode"] == "release"
     with pytest.raises(ValueError, match="stage1"):
         pipeline.quantize_with(load_model(tiny_checkpoint), "dobi", 4, stage1=reused, train_folder=train_folder)
+
+
+@pytest.mark.parametrize("damage", ["header only", "non-numeric", "not a csv", "empty"])
+def test_a_damaged_cached_cell_is_recomputed_with_a_warning(damage, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    cache = ResultsCache(tmp_path)
+    first = cache.scores(tiny_checkpoint, "fp", 4, "Set5", limit=2, progress=False)
+    [cell] = (cache.folder / "cells").rglob("*.csv")
+    text = cell.read_text()
+    cell.write_text({"header only": text.splitlines()[0] + "\n",
+                     "non-numeric": text.replace(f"{first['psnr'].iloc[0]}", "oops", 1),
+                     "not a csv": "\x00\x01garbage", "empty": ""}[damage])
+    with pytest.warns(UserWarning, match=f"recomputing {cell}"):
+        again = cache.scores(tiny_checkpoint, "fp", 4, "Set5", limit=2, progress=False)
+    pd.testing.assert_frame_equal(first, again)
+    assert cell.read_text() == text
