@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibrate import Bounds, calibrate_streaming, minmax_bounds
 from .data import PatchSampler
-from .distill import distill_step, feature_taps
+from .distill import BoundTrainer
 from .quant import WEIGHT, quantizers
 
 DBDC_BINS = 2048
@@ -104,25 +103,20 @@ PRESETS = {
 def _tune_bounds(qmodel: nn.Module, fp_model: nn.Module, params: list[nn.Parameter], iterations: int,
                  lrs: tuple[float, float], sampler: PatchSampler, batch_size: int, desc: str,
                  progress: bool) -> list[float]:
-    """Adam on ``params`` only, cosine lr ``lrs[0] -> lrs[1]``, loss L1 + 5 x :func:`energy_loss` (the DQC
-    training step, :func:`quantlab.distill.distill_step`); returns the loss history."""
+    """:class:`quantlab.distill.BoundTrainer` on ``params``: Adam, cosine lr ``lrs[0] -> lrs[1]``, loss
+    L1 + 5 x the sum of :func:`energy_loss` over the RSTB features; returns the loss history."""
     if not params or iterations <= 0:
         return []
-    device = next(qmodel.parameters()).device
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lrs[0])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iterations, eta_min=lrs[1])
-    history = []
-    try:
-        with feature_taps(qmodel, fp_model) as taps:
-            for _ in tqdm(range(iterations), desc=desc, disable=not progress):
-                lr_batch = sampler.sample(batch_size)[0].to(device)
-                history.append(distill_step(taps, lr_batch, optimizer, scheduler, "paper", energy_loss, ENERGY_WEIGHT))
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    return history
+
+    def energy_term(feats_q: list[torch.Tensor], feats_fp: list[torch.Tensor]) -> torch.Tensor:
+        return sum(energy_loss(q, f) for q, f in zip(feats_q, feats_fp, strict=True))
+
+    def cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=lrs[1])
+
+    trainer = BoundTrainer(qmodel, fp_model, params, sampler, iterations, batch_size, lrs[0], cosine,
+                           feature_term=energy_term, feature_weight=ENERGY_WEIGHT, name="Pac")
+    return trainer.run(progress, desc)
 
 
 def pixel_aware_calibration(qmodel: nn.Module, fp_model: nn.Module, iterations_act: int = 250,
