@@ -172,6 +172,13 @@ def lambda_schedule(kind: str) -> Schedule:
     return make
 
 
+def annealing_schedule(eta_min: float) -> Schedule:
+    """``torch.optim.lr_scheduler.CosineAnnealingLR`` from the base lr to ``eta_min`` over the run (Pac, as released)."""
+    def make(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min)
+    return make
+
+
 def seeded_sampler(scale: int, patch_size: int, train_folder: str | Path | None, seed: int,
                    augment: bool = True) -> PatchSampler:
     """Seed the global torch RNG with ``seed`` and return the LR-crop sampler of a bound-training run
