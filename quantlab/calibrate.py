@@ -15,14 +15,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, clip_scaled, quantizers, set_mode
+from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, clip_scaled, quantizers, repaired_upper, set_mode
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
 DOBI_HISTOGRAM_BINS = 2**12  # model-level DOBI scores candidates on a histogram of this many bins
 DOBI_SAMPLE = 2**18  # ... of this many randomly drawn elements of each tensor (min and max stay exact)
-DOBI_MODES = ("paper", "release")
+# DOBI modes: which tensors get the one-sided search, and on which candidate grid (see ``dobi_grid``):
+# ``paper``: one-sided for post-softmax/post-GELU, released grid; ``release``: symmetric everywhere, released
+# grid (the released code); ``algorithm1``: one-sided as ``paper``, on the grid of the paper's Algorithm 1.
+DOBI_MODES = ("paper", "release", "algorithm1")
 DEFAULT_DOBI_MODE = "paper"  # the mode of the "dobi" method
+DOBI_GRIDS = ("release", "algorithm1")
 
 
 def _check_finite(bounds: torch.Tensor, name: str) -> None:
@@ -36,24 +40,38 @@ def quantization_error(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
                        weights: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error sum_j w_j (x_j - Q(x_j; l_i, u_i))^2 for K candidate pairs at once.
 
-    x: (M,) values; lower, upper: (K,) candidates; weights: (M,) or None (all 1). Returns (K,).
+    x: (M,) values; lower, upper: (K,) candidates; weights: (M,) or None (all 1). Returns (K,). A candidate
+    with u <= l is scored as the quantizer runs it (u raised to l + MIN_RANGE, :func:`quantlab.quant.repaired_upper`).
     """
-    lo, hi = lower[:, None], upper[:, None]
+    lo, hi = lower[:, None], repaired_upper(lower, upper)[:, None]  # crossed/equal bounds as the quantizer runs them
     c_hat, step = clip_scaled(x[None], lo, hi, 2**bits - 1)  # the fake quantizer's own arithmetic
     err = c_hat.round_().mul_(step).add_(lo).sub_(x[None]).square_()  # one (K, M) tensor, in place
     return err.sum(1) if weights is None else err @ weights
 
 
-def dobi_candidates(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, num_points: int) -> Bounds:
-    """The released DOBI grid (reference doc §3): symmetric shrink of [lo, hi] around the mid-range by
-    R/2K per step, or one-sided (l = lo, u shrinks by R/K); i = 0..K-1, i = 0 is MinMax."""
-    i = torch.arange(num_points, dtype=torch.float64, device=lo.device)
+def dobi_candidates(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool, num_points: int,
+                    grid: str = "release") -> Bounds:
+    """The DOBI candidates (l_i, u_i) for data with min ``lo`` and max ``hi`` (0-d), R = hi - lo, K = ``num_points``:
+
+    - ``release`` (the released code, reference doc §3): i = 0..K-1; symmetric l_i = lo + i R/2K,
+      u_i = hi - i R/2K (shrinking around the mid-range); one-sided l_i = lo, u_i = hi - i R/K.
+    - ``algorithm1`` (2DQuant Algorithm 1 read literally): i = 0..K (the loop runs while i <= K: K + 1
+      candidates), Delta_u = R/2K for both searches, Delta_l = R/2K (symmetric) or 0 (one-sided). The
+      paper's u_i = u + i Delta_u is read as u - i Delta_u (a sign typo: '+' would widen the range past
+      max(v)). Symmetric i = K gives l = u = the mid-range.
+
+    i = 0 is MinMax. Returns two (K,) or (K + 1,) tensors of ``lo``'s dtype.
+    """
+    if grid not in DOBI_GRIDS:
+        raise ValueError(f"DOBI grid must be one of {DOBI_GRIDS}, got {grid!r}")
+    count = num_points + 1 if grid == "algorithm1" else num_points
+    i = torch.arange(count, dtype=torch.float64, device=lo.device)
     span = (hi - lo).double()
+    delta_u = span / (2 * num_points) if symmetric or grid == "algorithm1" else span / num_points
+    upper = (hi - i * delta_u).to(lo.dtype)
     if symmetric:
-        delta = span / (2 * num_points)
-        return (lo + i * delta).to(lo.dtype), (hi - i * delta).to(lo.dtype)
-    delta = span / num_points
-    return lo.expand(num_points).clone(), (hi - i * delta).to(lo.dtype)
+        return (lo + i * (span / (2 * num_points))).to(lo.dtype), upper
+    return lo.expand(count).clone(), upper
 
 
 def memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -92,22 +110,39 @@ def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: in
     return sum(i * stride for i, stride in zip(index, strides)).sort().values.to(device)
 
 
+def _check_dobi_input(x: torch.Tensor, num_points: int) -> None:
+    """A clear error, naming the fix, for what :func:`dobi_search` cannot search."""
+    if x.numel() == 0:
+        raise ValueError(f"dobi_search got an empty tensor (shape {tuple(x.shape)}): pass the tensor to calibrate, "
+                         "with at least one element")
+    if not isinstance(num_points, int) or num_points < 1:
+        raise ValueError(f"dobi_search needs num_points >= 1 (K, the number of search steps; 2DQuant uses 100), "
+                         f"got {num_points!r}")
+
+
 @torch.no_grad()
 def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: int = 100,
-                bins: int | None = None, sample: int | None = None, chunk: int = 2**14) -> Bounds:
-    """DOBI for one tensor (2DQuant Alg. 1 as released): the candidate with the smallest L2 error,
-    the first one on ties. The grid comes from the exact min and max of ``x``. All K candidates
-    are scored in one batched computation: exactly over ``chunk``-element parts of ``x`` (default;
-    K x chunk floats stay in cache), or over a ``bins``-bin histogram (bin centres weighted by
+                bins: int | None = None, sample: int | None = None, chunk: int = 2**14,
+                grid: str = "release") -> Bounds:
+    """DOBI for one tensor (2DQuant Alg. 1): the candidate of :func:`dobi_candidates` with the smallest L2
+    error; on ties the first one (``grid="release"``, as released: strict <) or the last one
+    (``grid="algorithm1"``: Algorithm 1's <=). The grid comes from the exact min and max of ``x``. All
+    candidates are scored in one batched computation: exactly over ``chunk``-element parts of ``x``
+    (default; K x chunk floats stay in cache), or over a ``bins``-bin histogram (bin centres weighted by
     counts) of ``x`` or, with ``sample``, of that many elements drawn uniformly at random (seeded).
-    Returns 0-d tensors (lower, upper)."""
+    Returns 0-d tensors (lower, upper). ValueError for an empty ``x``, NaN/inf in ``x`` or ``num_points`` < 1.
+    """
     check_bits(bits)
+    _check_dobi_input(x, num_points)
     x = x.detach()
     lo, hi = torch.aminmax(x)
     lo, hi = lo.float(), hi.float()
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
+        raise ValueError(f"dobi_search got NaN or inf values (min {lo.item()}, max {hi.item()}): bounds of such a "
+                         "tensor are meaningless; calibrate on finite data (check the patches and the FP weights)")
     if hi == lo or not torch.isfinite(hi - lo):
         return lo, hi
-    lower, upper = dobi_candidates(lo, hi, symmetric, num_points)
+    lower, upper = dobi_candidates(lo, hi, symmetric, num_points, grid)
     values = (sample_values(x, sample) if sample and x.numel() > sample else flat_values(x)).float()
     if bins:
         counts = torch.histc(values, bins, lo.item(), hi.item())
@@ -115,7 +150,8 @@ def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: 
         errors = quantization_error(centres, lower, upper, bits, counts)
     else:
         errors = sum(quantization_error(part, lower, upper, bits) for part in values.split(chunk))
-    best = int(torch.argmin(errors))
+    last = len(errors) - 1
+    best = last - int(torch.argmin(errors.flip(0))) if grid == "algorithm1" else int(torch.argmin(errors))
     return lower[best], upper[best]
 
 
@@ -208,18 +244,27 @@ def percentile(qmodel: nn.Module, patches: torch.Tensor, p: float = DEFAULT_PERC
 
 
 def is_one_sided(quantizer: FakeQuantizer, mode: str) -> bool:
-    """``paper``: one-sided search for post-softmax / post-GELU tensors; ``release``: never (as released)."""
+    """``paper`` and ``algorithm1``: one-sided search for post-softmax / post-GELU tensors (the paper's
+    exponential class); ``release``: never (as released)."""
     if mode not in DOBI_MODES:
         raise ValueError(f"DOBI mode must be one of {DOBI_MODES}, got {mode!r}")
-    return mode == "paper" and quantizer.kind in ONE_SIDED_KINDS
+    return mode != "release" and quantizer.kind in ONE_SIDED_KINDS
+
+
+def dobi_grid(mode: str) -> str:
+    """The candidate grid of a DOBI mode (:func:`dobi_candidates`): ``algorithm1`` for that mode, else ``release``."""
+    if mode not in DOBI_MODES:
+        raise ValueError(f"DOBI mode must be one of {DOBI_MODES}, got {mode!r}")
+    return "algorithm1" if mode == "algorithm1" else "release"
 
 
 def dobi(qmodel: nn.Module, patches: torch.Tensor, mode: str = DEFAULT_DOBI_MODE, num_points: int = 100,
          bins: int | None = DOBI_HISTOGRAM_BINS, sample: int | None = DOBI_SAMPLE) -> nn.Module:
-    """DOBI (2DQuant stage 1) on every quantizer; ``bins=None, sample=None`` scores every candidate
-    on every element exactly (about 30x slower on SwinIR-light)."""
+    """DOBI (2DQuant stage 1) on every quantizer, searched as ``mode`` says (:data:`DOBI_MODES`);
+    ``bins=None, sample=None`` scores every candidate on every element exactly (about 30x slower on SwinIR-light)."""
+    grid = dobi_grid(mode)
     return calibrate_streaming(qmodel, patches, lambda q, x: dobi_search(
-        x, q.bits, symmetric=not is_one_sided(q, mode), num_points=num_points, bins=bins, sample=sample))
+        x, q.bits, symmetric=not is_one_sided(q, mode), num_points=num_points, bins=bins, sample=sample, grid=grid))
 
 
 METHODS = {"minmax": minmax, "percentile": percentile, "dobi": dobi}

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from .data import PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
 from .quant import quantizers
+from .train import read_checkpoint, restore_rng_state, rng_state
 
 
 @dataclass(frozen=True)
@@ -120,21 +122,26 @@ def feature_taps(qmodel: nn.Module, fp_model: nn.Module) -> Iterator[tuple[Featu
             tap.remove()
 
 
-FeatureTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+FeatureTerm = Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]  # (student, teacher) features -> loss
+
+
+def summed_feature_loss(feats_q: list[torch.Tensor], feats_fp: list[torch.Tensor]) -> torch.Tensor:
+    """DQC's feature term: sum over the RSTBs k of Eq. (5), :func:`feature_loss` (F_q^k, F^k)."""
+    return sum(feature_loss(q, f) for q, f in zip(feats_q, feats_fp, strict=True))
 
 
 def distill_step(taps: tuple[FeatureTap, FeatureTap], lr_batch: torch.Tensor, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, output_kind: str, feature_term: FeatureTerm,
                  feature_weight: float) -> float:
-    """One optimizer step on ``lr_batch`` (B, 3, h, w): L = output_loss + weight * sum_k feature_term(F_q^k, F^k)
-    over the RSTB features (Eq. 4 + lambda Eq. 5 for DQC). Returns L."""
+    """One optimizer step on ``lr_batch`` (B, 3, h, w): L = output_loss + weight * feature_term(F_q, F) over the
+    lists of RSTB features (Eq. 4 + lambda Eq. 5 for DQC). Returns L."""
     student, teacher = taps
     with torch.no_grad():
         out_fp, feats_fp = teacher(lr_batch)
     out_q, feats_q = student(lr_batch)
     loss = output_loss(out_q, out_fp, output_kind)
     if feature_weight:
-        loss = loss + feature_weight * sum(feature_term(q, f) for q, f in zip(feats_q, feats_fp, strict=True))
+        loss = loss + feature_weight * feature_term(feats_q, feats_fp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -148,6 +155,143 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     for _, quantizer in quantizers(qmodel):
         params += [quantizer.lower, quantizer.upper]
     return params
+
+
+Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]  # (optimizer, iterations)
+
+
+def lambda_schedule(kind: str) -> Schedule:
+    """DQC's learning-rate schedules, as a factor of the base lr at iteration i of T: ``cosine``
+    0.5 (1 + cos(pi i / T)) (the paper's cosine annealing to 0), ``constant`` 1 (as released)."""
+    if kind not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {kind!r}")
+
+    def make(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        factor = (lambda i: 0.5 * (1 + math.cos(math.pi * i / total))) if kind == "cosine" else (lambda i: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return make
+
+
+def annealing_schedule(eta_min: float) -> Schedule:
+    """``torch.optim.lr_scheduler.CosineAnnealingLR`` from the base lr to ``eta_min`` over the run (Pac, as released)."""
+    def make(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min)
+    return make
+
+
+def seeded_sampler(scale: int, patch_size: int, train_folder: str | Path | None, seed: int,
+                   augment: bool = True) -> PatchSampler:
+    """Seed the global torch RNG with ``seed`` and return the LR-crop sampler of a bound-training run
+    (``patch_size`` LR pixels, dihedral augmentation unless ``augment=False``), seeded alike."""
+    torch.manual_seed(seed)
+    return PatchSampler(scale, patch_size, train_folder, seed=seed, augment=augment)
+
+
+class BoundTrainer:
+    """The one bound-training loop of DQC (:func:`dqc`) and Pac (:func:`quantlab.dbdc.pixel_aware_calibration`):
+    Adam on ``params`` (bound parameters of ``qmodel``) only, every other parameter of ``qmodel`` and
+    ``fp_model`` frozen, ``iterations`` steps of :func:`distill_step` on batches (batch_size, 3, p, p) drawn
+    by ``sampler``, the lr following ``schedule``; the student runs in eval mode.
+
+    Options: ``grad_scales`` multiplies each parameter's gradient by a factor (Pac's LSQ-style scale);
+    :meth:`run` can keep the bounds with the best ``score()`` (e.g. Set5 PSNR, dB) among checks every
+    ``select_every`` iterations, and checkpoint (bounds, optimizer, scheduler, RNG states, progress) every
+    ``checkpoint_every`` iterations to a file that a later run with the same ``fingerprint`` resumes.
+    """
+
+    def __init__(self, qmodel: nn.Module, fp_model: nn.Module, params: list[nn.Parameter], sampler: PatchSampler,
+                 iterations: int, batch_size: int, lr: float, schedule: Schedule,
+                 betas: tuple[float, float] = (0.9, 0.999), output_kind: str = "paper",
+                 feature_term: FeatureTerm | None = None, feature_weight: float = 0.0,
+                 grad_scales: list[float] | None = None, name: str = "bounds"):
+        if feature_weight and feature_term is None:
+            raise ValueError("a feature_weight needs a feature_term")
+        if grad_scales is not None and len(grad_scales) != len(params):
+            raise ValueError(f"{len(grad_scales)} gradient scales for {len(params)} parameters")
+        self.qmodel, self.fp_model = qmodel, fp_model.eval().requires_grad_(False)
+        qmodel.requires_grad_(False)
+        self.params, self.sampler, self.iterations, self.batch_size = params, sampler, iterations, batch_size
+        self.output_kind, self.feature_term, self.feature_weight = output_kind, feature_term, feature_weight
+        self.grad_scales, self.name = grad_scales, name
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
+        self.scheduler = schedule(self.optimizer, iterations)
+        self.state: dict[str, Any] = {"iteration": 0, "best_psnr": -math.inf, "history": []}
+        self.best_bounds: list[torch.Tensor] | None = None
+
+    @property
+    def history(self) -> list[float]:
+        """The loss of every iteration run so far (resumed runs included)."""
+        return self.state["history"]
+
+    def save(self, path: Path, fingerprint: dict) -> None:
+        with atomic_path(path) as tmp:
+            torch.save({"fingerprint": json.dumps(fingerprint), "bounds": [p.detach() for p in self.params],
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "best_bounds": self.best_bounds, "state": json.dumps(self.state)} | rng_state(self.sampler),
+                       tmp)
+
+    def resume(self, path: Path, fingerprint: dict) -> None:
+        """Load the checkpoint at ``path`` when it exists. One written by another run (another
+        :func:`run_fingerprint`) is refused with a ValueError naming the differing fields; the file is left alone."""
+        if not path.is_file():
+            return
+        saved = read_checkpoint(path)
+        differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)
+        if differing:
+            raise ValueError(f"{path} is the {self.name} checkpoint of another run (it differs in "
+                             f"{'; '.join(differing)}): delete it to start over, or checkpoint elsewhere "
+                             "(quantlab quantize: another --out)")
+        with torch.no_grad():
+            for p, v in zip(self.params, saved["bounds"], strict=True):
+                p.copy_(v)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_state(saved, self.sampler)
+        self.state, self.best_bounds = json.loads(saved["state"]), saved.get("best_bounds")
+
+    def run(self, progress: bool = True, desc: str = "", score: Callable[[], float] | None = None,
+            select_every: int | None = None, checkpoint: Path | None = None, fingerprint: dict | None = None,
+            checkpoint_every: int = 50) -> list[float]:
+        """Train up to ``iterations`` (from where a resumed checkpoint stopped); then, when a ``score`` was
+        checked, put back the best-scoring bounds. The parameters stop requiring grad and the gradient
+        scales are removed on exit. Returns the loss history."""
+        device = next(self.qmodel.parameters()).device
+        for p in self.params:
+            p.requires_grad_(True)
+        hooks = [p.register_hook(lambda g, factor=factor: g * factor)
+                 for p, factor in zip(self.params, self.grad_scales or [])]
+        self.qmodel.eval()  # as released (2DQuant): the student runs in eval mode; only the bounds learn
+        total = self.iterations
+        bar = tqdm(total=total, initial=self.state["iteration"], desc=desc, disable=not progress)
+        try:
+            with feature_taps(self.qmodel, self.fp_model) as taps:
+                while self.state["iteration"] < total:
+                    lr_batch = self.sampler.sample(self.batch_size)[0].to(device)
+                    loss = distill_step(taps, lr_batch, self.optimizer, self.scheduler, self.output_kind,
+                                        self.feature_term, self.feature_weight)
+                    self.state["iteration"] += 1
+                    self.history.append(loss)
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss:.3g}")
+                    i = self.state["iteration"]
+                    if score is not None and select_every and (i % select_every == 0 or i == total):
+                        value = score()
+                        if value > self.state["best_psnr"]:
+                            self.state.update(best_psnr=value, best_iteration=i)
+                            self.best_bounds = [p.detach().clone() for p in self.params]
+                    if checkpoint and (i % checkpoint_every == 0 or i == total):
+                        self.save(checkpoint, fingerprint)
+        finally:
+            bar.close()
+            for hook in hooks:
+                hook.remove()
+            for p in self.params:
+                p.requires_grad_(False)
+        if self.best_bounds is not None:
+            with torch.no_grad():
+                for p, v in zip(self.params, self.best_bounds, strict=True):
+                    p.copy_(v)
+        return self.history
 
 
 def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str,
@@ -192,76 +336,22 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     only when its :func:`run_fingerprint` equals this run's (``method`` names the PTQ method the run
     belongs to, e.g. ``2dquant``); otherwise a ValueError names the file and the fields that differ,
     and the file is left untouched: delete it to start over, or checkpoint elsewhere. ``overrides``
-    replace preset fields (e.g. ``iterations=10``).
+    replace preset fields (e.g. ``iterations=10``). The loop is :class:`BoundTrainer`'s.
     """
     config = replace(get_preset(preset), **overrides)
     scale = fp_model.config.scale
-    device = next(qmodel.parameters()).device
-    fp_model = fp_model.eval().requires_grad_(False)
-    for p in qmodel.parameters():
-        p.requires_grad_(False)
-    params = bound_parameters(qmodel)
-    optimizer = torch.optim.Adam(params, lr=config.lr, betas=config.betas)
-    total = config.iterations
-    factor = (lambda i: 0.5 * (1 + math.cos(math.pi * i / total))) if config.schedule == "cosine" else (lambda i: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    torch.manual_seed(seed)
-    sampler = PatchSampler(scale, config.patch_size, train_folder, seed=seed)
-    state = {"iteration": 0, "best_psnr": -math.inf, "best_bounds": None, "history": []}
+    sampler = seeded_sampler(scale, config.patch_size, train_folder, seed)
+    trainer = BoundTrainer(qmodel, fp_model, bound_parameters(qmodel), sampler, config.iterations, config.batch_size,
+                           config.lr, lambda_schedule(config.schedule), config.betas, config.loss,
+                           summed_feature_loss, config.feature_weight, name="DQC")
     path = Path(checkpoint) if checkpoint else None
     fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths]) if path else None
-    if path and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)  # RNG state must stay on the CPU
-        differing = fingerprint_differences(json.loads(saved.get("fingerprint", "{}")), fingerprint)
-        if differing:
-            raise ValueError(f"{path} is the DQC checkpoint of another run (it differs in {'; '.join(differing)}): "
-                             "delete it to start over, or checkpoint elsewhere (quantlab quantize: another --out)")
-        with torch.no_grad():
-            for p, v in zip(params, saved["bounds"], strict=True):
-                p.copy_(v)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        sampler.rng.bit_generator.state = json.loads(saved["sampler_rng"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = json.loads(saved["state"]) | {"best_bounds": saved.get("best_bounds")}
+    if path:
+        trainer.resume(path, fingerprint)
 
-    def save() -> None:
-        with atomic_path(path) as tmp:
-            torch.save({"fingerprint": json.dumps(fingerprint), "bounds": [p.detach() for p in params],
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "sampler_rng": json.dumps(sampler.rng.bit_generator.state),
-                        "torch_rng": torch.get_rng_state(), "best_bounds": state["best_bounds"],
-                        "state": json.dumps({k: v for k, v in state.items() if k != "best_bounds"})}, tmp)
+    def set5_psnr() -> float:
+        return float(summarize(evaluate(qmodel, ["Set5"], scale, progress=False))["psnr"].iloc[0])
 
-    for p in params:
-        p.requires_grad_(True)
-    qmodel.eval()  # as released: the student runs in eval mode; only the bounds learn
-    bar = tqdm(total=total, initial=state["iteration"], desc=f"DQC x{scale}", disable=not progress)
-    try:
-        with feature_taps(qmodel, fp_model) as taps:
-            while state["iteration"] < total:
-                lr_batch = sampler.sample(config.batch_size)[0].to(device)
-                loss = distill_step(taps, lr_batch, optimizer, scheduler, config.loss, feature_loss,
-                                    config.feature_weight)
-                state["iteration"] += 1
-                state["history"].append(loss)
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.3g}")
-                i = state["iteration"]
-                if config.select_every and (i % config.select_every == 0 or i == total):
-                    psnr = float(summarize(evaluate(qmodel, ["Set5"], scale, progress=False))["psnr"].iloc[0])
-                    if psnr > state["best_psnr"]:
-                        state.update(best_psnr=psnr, best_iteration=i,
-                                     best_bounds=[p.detach().clone() for p in params])
-                if path and (i % config.checkpoint_every == 0 or i == total):
-                    save()
-    finally:
-        bar.close()
-    if state["best_bounds"] is not None:
-        with torch.no_grad():
-            for p, v in zip(params, state["best_bounds"], strict=True):
-                p.copy_(v)
-    for p in params:
-        p.requires_grad_(False)
-    qmodel.dqc_history = state["history"]
+    qmodel.dqc_history = trainer.run(progress, f"DQC x{scale}", set5_psnr, config.select_every, path, fingerprint,
+                                     config.checkpoint_every)
     return qmodel

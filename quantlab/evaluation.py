@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -18,6 +19,7 @@ from .imresize import bicubic_upsample
 from .metrics import psnr, ssim, to_uint8
 
 PAD_MODES = ("2dquant", "official")
+UPSCALERS = ("bicubic", "bilinear")  # the interpolation baselines :func:`upscale` accepts instead of a model
 
 
 def mirror_pad(x: torch.Tensor, multiple: int, mode: str = "2dquant") -> torch.Tensor:
@@ -47,12 +49,23 @@ def super_resolve(model: nn.Module, lr: np.ndarray, pad: str = "2dquant") -> np.
     return to_uint8(model(x)[0, :, : s * h, : s * w])
 
 
+def bilinear_upsample(lr: np.ndarray, scale: int) -> np.ndarray:
+    """2DQuant's "Bicubic" row as its code computes it (reference doc §5): torchvision's ``Resize``, whose
+    default is bilinear (no antialiasing when upsampling), i.e. ``F.interpolate(mode="bilinear",
+    align_corners=False)`` of the uint8 (h, w, 3) LR read as [0, 1] floats to (s*h, s*w); rounded as a
+    model's output (:func:`quantlab.metrics.to_uint8`). Returns uint8 (s*h, s*w, 3)."""
+    h, w = lr.shape[:2]
+    up = F.interpolate(to_tensor(lr)[None], size=(scale * h, scale * w), mode="bilinear", align_corners=False)
+    return to_uint8(up[0])
+
+
 def upscale(method: nn.Module | str, lr: np.ndarray, scale: int, pad: str = "2dquant") -> np.ndarray:
-    """uint8 SR image from a model or from ``"bicubic"`` (MATLAB bicubic upscaling)."""
+    """uint8 SR image from a model, ``"bicubic"`` (MATLAB bicubic upscaling, the standard Bicubic row) or
+    ``"bilinear"`` (:func:`bilinear_upsample`, what 2DQuant's "Bicubic" row ran)."""
     if isinstance(method, str):
-        if method != "bicubic":
-            raise ValueError(f"unknown method {method!r}: pass a model or 'bicubic'")
-        return bicubic_upsample(lr, scale)
+        if method not in UPSCALERS:
+            raise ValueError(f"unknown method {method!r}: pass a model or one of {UPSCALERS}")
+        return bicubic_upsample(lr, scale) if method == "bicubic" else bilinear_upsample(lr, scale)
     if method.config.scale != scale:
         raise ValueError(f"model is x{method.config.scale} but scale {scale} was requested")
     return super_resolve(method, lr, pad)
@@ -69,8 +82,9 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """PSNR (dB) / SSIM on Y of a model or ``"bicubic"``: one row per (dataset, image), then one
-    ``image == "mean"`` row per dataset (its ``images`` column counts the images averaged)."""
+    """PSNR (dB) / SSIM on Y of a model or an interpolation (:data:`UPSCALERS`, see :func:`upscale`): one
+    row per (dataset, image), then one ``image == "mean"`` row per dataset (its ``images`` column counts
+    the images averaged)."""
     rows = []
     for name in [datasets] if isinstance(datasets, str) else datasets:
         bench = Benchmark(name, scale, limit=limit)

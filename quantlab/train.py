@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,24 @@ class TrainConfig:
         return self.final_lr_ratio + (1 - self.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def rng_state(sampler: PatchSampler) -> dict[str, Any]:
+    """The random state a training checkpoint saves: the global torch RNG (a CPU uint8 tensor) and the
+    sampler's numpy bit generator (as JSON), under the keys ``torch_rng`` and ``sampler_rng``."""
+    return {"torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(sampler.rng.bit_generator.state)}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, loaded onto the CPU with ``weights_only=True`` (the saved torch RNG state must
+    come back as a CPU tensor, whatever device the run trains on)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_rng_state(saved: dict[str, Any], sampler: PatchSampler) -> None:
+    """Undo :func:`rng_state` on a checkpoint read by :func:`read_checkpoint`."""
+    torch.set_rng_state(saved["torch_rng"])
+    sampler.rng.bit_generator.state = json.loads(saved["sampler_rng"])
+
+
 def initial_model(config: TrainConfig) -> SwinIR:
     """Fresh SwinIR-light, or one initialised from ``init_from`` (the upsampler is re-made on a scale change)."""
     model = SwinIR(SwinIRConfig(scale=config.scale))
@@ -104,15 +123,14 @@ class Trainer:
             "config": asdict(self.config), "step": self.step,
             "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "sampler_rng": json.dumps(self.sampler.rng.bit_generator.state),
-        }
+        } | rng_state(self.sampler)
 
     def save_checkpoint(self) -> None:
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(self.state(), tmp)
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)  # RNG state must stay on the CPU
+        state = read_checkpoint(self.checkpoint_path)
         saved_scale = state["config"]["scale"]
         if saved_scale != self.config.scale:
             raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; use another --out for x{self.config.scale}")
@@ -128,8 +146,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"])
+        restore_rng_state(state, self.sampler)
         self.step = state["step"]
         self.truncate_log()
 

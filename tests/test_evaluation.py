@@ -36,3 +36,14 @@ def test_bicubic_set5_matches_published_baseline():
     table = summarize(evaluate("bicubic", ["Set5"], 2, progress=False))
     assert table["psnr"].iloc[0] == pytest.approx(33.66, abs=0.02)
     assert table["ssim"].iloc[0] == pytest.approx(0.9299, abs=0.0005)
+
+
+@pytest.mark.parametrize("scale, paper_psnr, paper_ssim", [(2, 32.25, 0.9118), (3, 29.54, 0.8516), (4, 27.56, 0.7896)])
+def test_bilinear_set5_matches_the_papers_bicubic_row(scale, paper_psnr, paper_ssim):
+    """2DQuant's "Bicubic" row is torchvision's bilinear Resize (CondiQuant Table 3 repeats it): same to the
+    printed digits on Set5, and well below MATLAB bicubic."""
+    table = summarize(evaluate("bilinear", ["Set5"], scale, progress=False))
+    assert round(table["psnr"].iloc[0], 2) == paper_psnr and round(table["ssim"].iloc[0], 4) == paper_ssim
+    assert upscale("bilinear", np.zeros((5, 7, 3), np.uint8), scale).shape == (5 * scale, 7 * scale, 3)
+    with pytest.raises(ValueError, match="bilinear"):
+        upscale("nearest", np.zeros((5, 7, 3), np.uint8), scale)

@@ -239,6 +239,78 @@ def test_sampled_dobi_scoring_is_within_one_percent_of_exact(symmetric, bits):
     assert sampled <= 1.01 * exact
 
 
+def algorithm1_dobi(x, bits, symmetric, k):
+    """2DQuant's Algorithm 1 as printed, one candidate at a time: Delta_l = R/2K (symmetric) or 0,
+    Delta_u = R/2K, i = 0..K (while i <= K), u_i = u - i Delta_u (the printed '+' is a sign typo),
+    error ||v - v_q||_2, kept when <= the best so far (the last minimum wins)."""
+    lo, hi = x.min().item(), x.max().item()
+    delta_l = (hi - lo) / (2 * k) if symmetric else 0.0
+    delta_u = (hi - lo) / (2 * k)
+    best, best_err = None, float("inf")
+    i = 0
+    while i <= k:
+        l_i, u_i = torch.tensor(lo + i * delta_l), torch.tensor(hi - i * delta_u)
+        err = torch.linalg.norm(x - eq1(x, l_i, torch.maximum(u_i, l_i + quant.MIN_RANGE), bits)).item()
+        if err <= best_err:
+            best, best_err = (l_i, u_i), err
+        i += 1
+    return best
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_dobi_algorithm1_grid_equals_the_printed_algorithm(symmetric, bits):
+    x = bell_or_one_sided(20000, symmetric, seed=20 + bits)
+    lower, upper = dobi_search(x, bits, symmetric, num_points=100, chunk=4096, grid="algorithm1")
+    ref_lower, ref_upper = algorithm1_dobi(x, bits, symmetric, 100)
+    assert (lower.item(), upper.item()) == pytest.approx((ref_lower.item(), ref_upper.item()), abs=1e-6)
+    grid_lower, grid_upper = dobi_candidates(x.min(), x.max(), symmetric, 100, grid="algorithm1")
+    assert len(grid_upper) == 101 and grid_upper[1].item() == pytest.approx(x.max().item() - (x.max() - x.min()).item() / 200, abs=1e-6)
+    if symmetric:
+        assert grid_lower[-1].item() == pytest.approx(grid_upper[-1].item(), abs=1e-6)  # i = K: l = u = the mid-range
+    else:
+        assert lower == x.min()
+
+
+def test_dobi_ties_go_to_the_first_candidate_as_released_and_to_the_last_in_algorithm1(monkeypatch):
+    monkeypatch.setattr(calibrate, "quantization_error", lambda x, lower, upper, bits, weights=None:
+                        torch.zeros(len(lower)))  # every candidate ties
+    x = torch.linspace(-1.0, 3.0, 101)
+    assert [v.item() for v in dobi_search(x, 3)] == [-1.0, 3.0]  # MinMax, the first
+    assert [v.item() for v in dobi_search(x, 3, grid="algorithm1")] == [1.0, 1.0]  # i = K, the last
+    assert [v.item() for v in dobi_search(x, 3, symmetric=False, grid="algorithm1")] == [-1.0, 1.0]
+
+
+def test_dobi_modes_pick_the_one_sided_kinds_and_the_grid(tiny_model_and_patches):
+    model, patches = tiny_model_and_patches
+    assert calibrate.DOBI_MODES == ("paper", "release", "algorithm1")
+    assert [calibrate.dobi_grid(m) for m in calibrate.DOBI_MODES] == ["release", "release", "algorithm1"]
+    literal = dict(quantizers(calibrate.dobi(quantize(model), patches, mode="algorithm1")))
+    paper = dict(quantizers(calibrate.dobi(quantize(model), patches, mode="paper")))
+    minmax = dict(quantizers(calibrate.minmax(quantize(model), patches)))
+    name = "layers.0.blocks.0.attn.matmul_av.attn"
+    assert literal[name].lower.item() == minmax[name].lower.item()  # one-sided on post-softmax, as in paper mode
+    assert any(literal[n].upper.item() != paper[n].upper.item() for n in literal)
+    with pytest.raises(ValueError, match="DOBI mode"):
+        calibrate.dobi(quantize(model), patches, mode="literal")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([0.0, float("nan"), 1.0]), "NaN or inf"),
+    (torch.tensor([0.0, float("inf")]), "NaN or inf"),
+    (torch.tensor([float("-inf"), 0.0]), "NaN or inf"),
+    (torch.empty(0, 3), "empty tensor"),
+])
+def test_dobi_search_refuses_what_it_cannot_search(bad, message):
+    with pytest.raises(ValueError, match=message):
+        dobi_search(bad, 4)
+
+
+def test_dobi_search_needs_at_least_one_search_point():
+    with pytest.raises(ValueError, match="num_points >= 1"):
+        dobi_search(torch.randn(10), 4, num_points=0)
+
+
 def test_dobi_search_reads_transposed_views_without_changing_the_answer():
     x = torch.randn(6, 40, 10, generator=torch.Generator().manual_seed(3))
     assert dobi_search(x.transpose(-2, -1), 3) == dobi_search(x.contiguous(), 3)
