@@ -18,7 +18,7 @@ from . import methods
 from .calibrate import DOBI_MODES
 from .checkpoints import EMBEDDED_MODELS, load_model
 from .data import Benchmark
-from .evaluation import PAD_MODES, evaluate, per_image, summarize
+from .evaluation import PAD_MODES, UPSCALERS, evaluate, per_image, summarize
 from .files import check_output_path
 from .grid import GridFailed, fill
 from .pipeline import load_quantized, quantize_to_file
@@ -112,14 +112,14 @@ def patch_schedule(text: str) -> list[tuple[int, int]]:
 
 def resolve_models(names: list[str], scales: list[int] | None,
                    device: str | None = "cpu") -> list[tuple[str, int, nn.Module | str]]:
-    """(name, scale, model or ``"bicubic"``) triples, every model loaded once on ``device``. ``bicubic``
+    """(name, scale, model or upscaler name) triples, every model loaded once on ``device``. ``bicubic``, ``bilinear``
     and ``default`` (the shipped ``default-x<s>``) take every requested scale (default 2, 3, 4); a
     named model or checkpoint brings its own scale."""
     wanted = scales or list(SCALES)
     models = []
     for name in names:
-        if name == "bicubic":
-            models += [("bicubic", s, "bicubic") for s in wanted]
+        if name in UPSCALERS:
+            models += [(name, s, name) for s in wanted]
         elif name == "default":
             shipped = [s for s in wanted if EMBEDDED_MODELS[f"default-x{s}"].is_file()]
             if len(shipped) < len(wanted):
@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     models = resolve_models(comma_list(args.model), args.scale, args.device)
     if not models:
         raise ValueError("nothing to evaluate: no model matched --model/--scale")
-    if args.quantized and (len(models) != 1 or models[0][2] == "bicubic"):
+    if args.quantized and (len(models) != 1 or isinstance(models[0][2], str)):
         raise ValueError("--quantized needs exactly one FP model (--model default-x2 or a checkpoint path)")
     if args.json and len(models) > 1:
         raise ValueError(f"--json prints one model at one scale; got {len(models)}: "
@@ -183,7 +183,8 @@ def method_options(args: argparse.Namespace) -> dict:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} applies to --method {'/'.join(users)} only (got --method {args.method}); "
                              f"drop {flag}")
-    methods.resolve(args.method, args.bits, args.preset, **options)
+    if options:  # their values, against the method's choices
+        methods.resolve(args.method, args.bits, args.preset, **options)
     return options
 
 
@@ -277,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="PSNR/SSIM of models and the bicubic baseline on benchmark sets")
     ev.add_argument("--model", "--models", default="bicubic,default",
-                    help="comma list: bicubic, default (the shipped default-x<s>), default-x2, or checkpoint paths")
+                    help="comma list: bicubic (MATLAB), bilinear (the papers' 'Bicubic' row), default (the shipped "
+                    "default-x<s>), default-x2, or checkpoint paths")
     ev.add_argument("--scale", "--scales", type=int_list(SCALES), default=None,
                     help="comma list of scales for bicubic/default (default 2,3,4); a checkpoint brings its own")
     ev.add_argument("--datasets", type=dataset_list, default="Set5,Set14")

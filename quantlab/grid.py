@@ -68,7 +68,7 @@ def plan(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[st
 
     def calibration(source: str, method: str, b: int, extra: tuple) -> str | None:
         fp, mid = cache.fp_model(source)
-        config = registry.resolve(method, b, preset, **dict(extra))
+        config = registry.resolve(method, b, preset, fp.config.scale, **dict(extra))
         key = f"calibrate-{mid}-{method}-{config.key()}"
         if cache.quantized_path(mid, config).is_file():
             return None
@@ -84,7 +84,7 @@ def plan(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[st
         for method in methods:
             entry = registry.get(method)
             for b in (bits if entry.quantized else [FP_BITS]):
-                config = registry.resolve(method, b, preset, **dict(options))
+                config = registry.resolve(method, b, preset, fp.config.scale, **dict(options))
                 for dataset in datasets:
                     if cache.cell_path(mid, fp.config.scale, config, dataset, limit).is_file():
                         reused += 1

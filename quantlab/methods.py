@@ -31,13 +31,15 @@ from torch import nn
 from . import calibrate
 from .condition import ConditionConfig, condition_model
 from .data import calibration_patches
-from .dbdc import PRESETS as PAC_PRESETS
+from .dbdc import PRESET_NAMES as PAC_PRESETS
 from .dbdc import PacPreset, dbdc_pac
+from .dbdc import get_preset as pac_preset
 from .distill import PRESETS as DQC_PRESETS
 from .distill import DQCPreset, dqc
 from .quant import QuantConfig, quantize
 
 PRESETS = ("quick", "paper", "release")  # preset names a request may give; each method resolves its own
+CALIBRATION_PATCHES, CALIBRATION_PATCH_SIZE = 32, 64  # the default calibration batch: 32 LR patches 3x64x64
 FP_BITS = 32  # the bits of the unquantized reference rows, as the papers' tables print them
 TEACHERS = ("original", "conditioned")  # CondiQuant's DQC teacher
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
@@ -72,14 +74,15 @@ class MethodConfig:
 @dataclass
 class Calibration:
     """What a handler gets. ``fp_model``: the FP SwinIR; ``quant_config``: where and how to quantize;
-    ``patches``: the calibration batch (N, 3, h, w) of LR inputs in [0, 1]; ``stage1``: a copy of the
+    ``patches``: the calibration batch (N, 3, h, w) of LR inputs in [0, 1] the user gave, or None (see
+    :attr:`batch` for the default; a method may draw its own data instead, as DBDC+Pac does); ``stage1``: a copy of the
     calibrated model of the method's stage 1 (same config) to continue from, or None (calibrate it);
     ``checkpoint``: where a resumable stage (DQC) checkpoints."""
 
     fp_model: nn.Module
     config: MethodConfig
     quant_config: QuantConfig
-    patches: torch.Tensor
+    patches: torch.Tensor | None = None
     train_folder: str | Path | None = None
     checkpoint: Path | None = None
     progress: bool = True
@@ -88,6 +91,15 @@ class Calibration:
     @property
     def settings(self) -> Mapping[str, Any]:
         return self.config.settings
+
+    @property
+    def batch(self) -> torch.Tensor:
+        """The calibration batch: the given patches, else 32 LR patches 3x64x64 from the training images (seed 0),
+        made once."""
+        if self.patches is None:
+            self.patches = calibration_patches(n=CALIBRATION_PATCHES, size=CALIBRATION_PATCH_SIZE,
+                                               scale=self.fp_model.config.scale, folder=self.train_folder)
+        return self.patches
 
     def start(self, fp_model: nn.Module | None = None) -> nn.Module:
         """The stage-1 model when given, else a fresh quantized copy of ``fp_model`` (default the FP model)
@@ -102,8 +114,8 @@ Handler = Callable[[Calibration], nn.Module]
 
 @dataclass(frozen=True)
 class Method:
-    """One PTQ method (or unquantized reference row). ``settings(preset)`` gives the preset's resolved
-    settings (a ValueError for a preset the method lacks); ``stage1(settings)`` the (method, overrides)
+    """One PTQ method (or unquantized reference row). ``settings(preset, bits, scale)`` gives the preset's
+    resolved settings (a ValueError for a preset the method lacks; ``scale`` may be None where it matters not); ``stage1(settings)`` the (method, overrides)
     whose calibrated model ``run`` starts from; ``upscaler(fp_model)`` the model or upscaler name of a
     reference row (``run`` is then None); ``choices`` the allowed values of settings that take names."""
 
@@ -111,13 +123,15 @@ class Method:
     label: str
     reference: str
     run: Handler | None = None
-    settings: Callable[[str], dict] = lambda preset: {}
+    settings: Callable[[str, int, int | None], dict] = lambda preset, bits, scale: {}
     tuned: bool = False  # its numbers depend on the preset (it trains something)
     stage1: Callable[[Mapping], tuple[str, dict]] | None = None
     upscaler: Callable[[nn.Module], nn.Module | str] | None = None
     choices: Mapping[str, tuple] = field(default_factory=dict)
     prepare: Callable[[nn.Module, MethodConfig], nn.Module] | None = None
     tables: tuple[str, ...] = ()  # the papers' results tables with this row: "2dquant", "condiquant"
+    paper_label: str | None = None  # the papers' row it is compared with (None: ``label``)
+    compared: bool = True  # False: no published row computes the same thing
 
     def structure(self, qmodel: nn.Module, config: MethodConfig) -> nn.Module:
         """``qmodel`` (a fresh :func:`quantize` copy) with this method's module structure (``prepare``: e.g.
@@ -128,8 +142,8 @@ class Method:
     def quantized(self) -> bool:
         return self.run is not None
 
-    def resolve(self, bits: int, preset: str = "quick", **overrides) -> MethodConfig:
-        """The :class:`MethodConfig` of this method at ``bits`` under ``preset`` with ``overrides``
+    def resolve(self, bits: int, preset: str = "quick", scale: int | None = None, **overrides) -> MethodConfig:
+        """The :class:`MethodConfig` of this method at ``bits`` under ``preset`` for a x``scale`` model with ``overrides``
         (a top-level setting such as ``dobi_mode``; a field of a stage by its name, ``iterations``, or, where
         two stages share it, as ``dqc.batch_size``; or a stage as a dict, ``dqc={"batch_size": 2}``).
         Unknown names and values outside ``choices`` raise a ValueError."""
@@ -137,7 +151,7 @@ class Method:
             return MethodConfig(self.name, FP_BITS, None)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
-        base = normal(self.settings(preset))
+        base = normal(self.settings(preset, bits, scale))
         settings = copy.deepcopy(base)
         overrides = {f"{stage}.{k}" if isinstance(fields, dict) else stage: v
                      for stage, fields in overrides.items() for k, v in (fields.items() if isinstance(fields, dict)
@@ -219,14 +233,19 @@ def table_rows(table: str) -> list[str]:
     return rows
 
 
+def paper_labels() -> dict[str, str]:
+    """{method name: the papers' table label its numbers are compared with}, for the methods that have one."""
+    return {n: m.paper_label or m.label for n, m in REGISTRY.items() if m.compared}
+
+
 def labels() -> dict[str, str]:
     """{method name: table label} of every registered method."""
     return {n: m.label for n, m in REGISTRY.items()}
 
 
-def resolve(method: str, bits: int, preset: str = "quick", **overrides) -> MethodConfig:
+def resolve(method: str, bits: int, preset: str = "quick", scale: int | None = None, **overrides) -> MethodConfig:
     """:meth:`Method.resolve` of the registered ``method``."""
-    return get(method).resolve(bits, preset, **overrides)
+    return get(method).resolve(bits, preset, scale, **overrides)
 
 
 def fresh_model(fp_model: nn.Module, config: MethodConfig | None, quant_config: QuantConfig) -> nn.Module:
@@ -259,10 +278,15 @@ def dqc_preset(config: MethodConfig) -> DQCPreset:
                      checkpoint_every=DQC_PRESETS[config.preset].checkpoint_every)
 
 
-def pac_settings(preset: str) -> dict:
-    if preset not in PAC_PRESETS:
-        raise ValueError(f"DBDC+Pac has no preset {preset!r}; choose one of {sorted(PAC_PRESETS)}")
-    return asdict(PAC_PRESETS[preset])
+def pac_settings(preset: str, bits: int, scale: int | None) -> dict:
+    """DBDC+Pac's data and schedule: ``quick``, or the official configs (``paper``; ``release`` is the same,
+    the released code), which depend on the scale and bits."""
+    name = "paper" if preset == "release" else preset
+    if name not in PAC_PRESETS:
+        raise ValueError(f"DBDC+Pac has no preset {preset!r}; choose one of {list(PAC_PRESETS)} or release")
+    if scale is None and name != "quick":
+        raise ValueError(f"DBDC+Pac's {preset} preset depends on the model's scale: resolve it with scale=")
+    return asdict(pac_preset(name, scale or 2, bits))
 
 
 def dobi_mode_of(preset: str) -> str:
@@ -282,24 +306,25 @@ def distill(calibration: Calibration, qmodel: nn.Module, teacher: nn.Module | No
 def run_minmax(c: Calibration) -> nn.Module:
     """MinMax: each quantizer's bounds are the min and max of its tensor on the calibration batch.
     Deploys with integer kernels at no overhead (per-tensor uniform quantizers, 2DQuant's placement)."""
-    return calibrate.minmax(c.start(), c.patches)
+    return calibrate.minmax(c.start(), c.batch)
 
 
 def run_percentile(c: Calibration) -> nn.Module:
     """Percentile: bounds at the ``p``-th and (100 - ``p``)-th percentiles of each tensor.
     Deploys as MinMax (per-tensor uniform quantizers)."""
-    return calibrate.percentile(c.start(), c.patches, p=c.settings["p"])
+    return calibrate.percentile(c.start(), c.batch, p=c.settings["p"])
 
 
 def run_dobi(c: Calibration) -> nn.Module:
     """DOBI (2DQuant stage 1): MSE search of the bounds, one-sided for post-softmax/GELU tensors in
     ``paper`` mode. Deploys as MinMax (per-tensor uniform quantizers)."""
-    return calibrate.dobi(c.start(), c.patches, mode=c.settings["dobi_mode"])
+    return calibrate.dobi(c.start(), c.batch, mode=c.settings["dobi_mode"])
 
 
 def run_dbdc_pac(c: Calibration) -> nn.Module:
     """DBDC (dual clipping on a histogram) then Pac (pixel-aware tuning of the bounds against the FP
-    model). Deploys as MinMax (per-tensor uniform quantizers at 2DQuant's 384 places)."""
+    model), as the official PTQ4SR code: DBDC on its own draw of training crops unless patches are given.
+    Deploys as MinMax (per-tensor uniform quantizers at 2DQuant's 384 places)."""
     return dbdc_pac(c.start(), c.fp_model, c.patches, dbdc_pac_preset(c.settings), train_folder=c.train_folder,
                     progress=c.progress)
 
@@ -311,13 +336,13 @@ def dbdc_pac_preset(settings: Mapping) -> PacPreset:
 
 def run_dqc(c: Calibration) -> nn.Module:
     """DQC only (2DQuant Table 4c): MinMax, then DQC. Deploys as MinMax."""
-    return distill(c, c.start() if c.stage1 is not None else calibrate.minmax(c.start(), c.patches))
+    return distill(c, c.start() if c.stage1 is not None else calibrate.minmax(c.start(), c.batch))
 
 
 def run_2dquant(c: Calibration) -> nn.Module:
     """2DQuant: DOBI, then DQC trains the 768 bounds against the FP model. Deploys as MinMax: only the
     bounds change."""
-    qmodel = c.stage1 if c.stage1 is not None else calibrate.dobi(c.start(), c.patches, mode=c.settings["dobi_mode"])
+    qmodel = c.stage1 if c.stage1 is not None else calibrate.dobi(c.start(), c.batch, mode=c.settings["dobi_mode"])
     return distill(c, qmodel)
 
 
@@ -330,7 +355,7 @@ def run_condiquant(c: Calibration) -> nn.Module:
     n, size = options.pop("conditioning_patches"), options.pop("conditioning_patch_size")
     gram = calibration_patches(n=n, size=size, scale=c.fp_model.config.scale, folder=c.train_folder)
     conditioned, _ = condition_model(c.fp_model, gram, ConditionConfig(**options), progress=c.progress)
-    qmodel = calibrate.dobi(c.start(conditioned), c.patches, mode=c.settings["dobi_mode"])
+    qmodel = calibrate.dobi(c.start(conditioned), c.batch, mode=c.settings["dobi_mode"])
     return distill(c, qmodel, conditioned if c.settings["teacher"] == "conditioned" else c.fp_model)
 
 
@@ -341,27 +366,30 @@ CONDIQUANT = "Liu et al., CondiQuant: Condition Number Based Low-Bit Quantizatio
 
 register(Method("fp", "FP", "full-precision SwinIR-light (Liang et al., ICCVW 2021)", upscaler=lambda fp: fp,
                 tables=("2dquant", "condiquant")))
-register(Method("bicubic", "Bicubic", "MATLAB imresize bicubic of the LR input", upscaler=lambda fp: "bicubic",
-                tables=("2dquant", "condiquant")))
+register(Method("bicubic", "Bicubic (MATLAB)", "MATLAB imresize bicubic of the LR input", upscaler=lambda fp: "bicubic",
+                tables=("2dquant", "condiquant"), compared=False))
+register(Method("bilinear", "Bilinear (papers' Bicubic)", "torchvision Resize of the LR input, bilinear: what the "
+                "2DQuant code runs for its 'Bicubic' row", upscaler=lambda fp: "bilinear",
+                tables=("2dquant", "condiquant"), paper_label="Bicubic"))
 register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient integer-arithmetic-only inference, CVPR 2018", run_minmax,
                 tables=("2dquant",)))
 register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, CVPR 2019", run_percentile,
-                settings=lambda preset: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
+                settings=lambda preset, bits, scale: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
 register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
                 "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
-                settings=lambda preset: {"pac": pac_settings(preset)}, tuned=True, tables=("2dquant", "condiquant")))
+                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant")))
 register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
-                settings=lambda preset: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
+                settings=lambda preset, bits, scale: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
                 choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
 register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
-                settings=lambda preset: {"dqc": dqc_settings(preset)}, tuned=True,
+                settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,
                 stage1=lambda settings: ("minmax", {})))
 register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
-                settings=lambda preset: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
+                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
                 stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
                 choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant", "condiquant")))
 register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
-                settings=lambda preset: {
+                settings=lambda preset, bits, scale: {
                     "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},

@@ -18,7 +18,6 @@ from torch import nn
 
 from . import methods
 from .checkpoints import load_weights_only, weights_fingerprint
-from .data import calibration_patches
 from .files import atomic_path, check_output_path
 from .methods import Calibration, MethodConfig
 from .quant import QuantConfig, quantizers
@@ -36,11 +35,13 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
     ``preset`` (quick, paper, release) and ``overrides`` (the method's settings by name, e.g.
     ``dobi_mode="release"``, DQC's ``iterations=10``, CondiQuant's ``teacher="conditioned"``) resolve to
     its :class:`~quantlab.methods.MethodConfig`, left on the result as ``method_config``.
-    ``patches``: the calibration batch (default: 32 LR patches 3x64x64 from the training images, seed 0).
+    ``patches``: the calibration batch (default: 32 LR patches 3x64x64 from the training images, seed 0;
+    DBDC+Pac draws its own as the official code when none is given).
     ``checkpoint``: where DQC checkpoints and resumes. ``stage1``: an already calibrated model of the
     method's stage 1 (e.g. DOBI in the same mode for ``2dquant``, same config) to continue from instead of
     calibrating again (it is copied)."""
-    resolved = methods.resolve(method, bits, preset, **overrides)
+    scale = fp_model.config.scale
+    resolved = methods.resolve(method, bits, preset, scale, **overrides)
     if not methods.get(method).quantized:
         raise ValueError(f"{method!r} is an unquantized reference row; choose a PTQ method of "
                          f"{methods.names(quantized=True)}")
@@ -49,12 +50,10 @@ def quantize_with(fp_model: nn.Module, method: str, bits: int = 4, preset: str =
         request = methods.stage1_request(resolved)
         made_by = getattr(stage1, "method_config", None)
         if (request is None or getattr(stage1, "quant_config", None) != config or made_by is None
-                or made_by.key() != methods.resolve(request[0], bits, preset, **request[1]).key()):
+                or made_by.key() != methods.resolve(request[0], bits, preset, scale, **request[1]).key()):
             raise ValueError(f"stage1 must be a model calibrated by the stage 1 of {method!r} "
                              f"({request[0] if request else 'none: it has no stage 1'}) with {config}")
         stage1 = copy.deepcopy(stage1)
-    if patches is None:
-        patches = calibration_patches(n=32, size=64, scale=fp_model.config.scale, folder=train_folder)
     job = Calibration(fp_model, resolved, config, patches, train_folder, Path(checkpoint) if checkpoint else None,
                       progress, stage1)
     qmodel = methods.get(method).run(job)

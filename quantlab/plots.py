@@ -25,6 +25,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .analysis import TensorSample, location, representative_names  # noqa: E402
 from .methods import labels as method_labels  # noqa: E402
+from .methods import names as registry_names  # noqa: E402
 
 SHAPE_COLORS = {"symmetric": "tab:blue", "one-sided": "tab:orange"}
 BINS = 100
@@ -202,7 +203,7 @@ def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
     keys = list(zip(frame["scale"], frame["dataset"]))
     frame["ours"] = frame["psnr"].to_numpy() - fp["psnr"].reindex(keys).to_numpy()
     frame["paper"] = frame["paper_psnr"].to_numpy() - fp["paper_psnr"].reindex(keys).to_numpy()
-    frame = frame[~frame["method"].isin(["fp", "bicubic"])]
+    frame = frame[frame["method"].isin(registry_names(quantized=True))]
     panels = list(dict.fromkeys(zip(frame["scale"], frame["dataset"])))
     methods = list(dict.fromkeys(frame["method"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)

@@ -31,7 +31,7 @@ PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2D
 PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
-CACHE_VERSION = 2  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
+CACHE_VERSION = 3  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
@@ -96,7 +96,7 @@ class ResultsCache:
         under the key of the resolved config, so spelled-out defaults hit the same file. A method with a stage
         1 (``2dquant`` from DOBI, ``dqc`` from MinMax) starts from that cached model, made first if missing."""
         fp, mid = self.fp_model(source)
-        config = registry.resolve(method, bits, preset, **overrides)
+        config = registry.resolve(method, bits, preset, fp.config.scale, **overrides)
         path = self.quantized_path(mid, config)
         if path.is_file():
             try:
@@ -120,7 +120,7 @@ class ResultsCache:
                limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:
         """Per-image PSNR/SSIM of one cell (computed once, then read from its CSV)."""
         fp, mid = self.fp_model(source)
-        config = registry.resolve(method, bits, preset, **overrides)
+        config = registry.resolve(method, bits, preset, fp.config.scale, **overrides)
         path = self.cell_path(mid, fp.config.scale, config, dataset, limit)
         cached = read_cell(path, len(Benchmark(dataset, fp.config.scale, limit=limit))) if path.is_file() else None
         if cached is not None:
@@ -203,7 +203,7 @@ def with_paper(results: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.D
     paper = paper_results() if paper is None else paper
     paper = (paper.drop(columns="table").drop_duplicates(CELL)
              .rename(columns={"method": "label", "psnr": "paper_psnr", "ssim": "paper_ssim"}))
-    merged = results.assign(label=results["method"].map(registry.labels())).merge(
+    merged = results.assign(label=results["method"].map(registry.paper_labels())).merge(
         paper, on=["scale", "label", "bits", "dataset"], how="left")
     return merged.drop(columns="label").assign(delta_psnr=lambda f: f["psnr"] - f["paper_psnr"],
                                                delta_ssim=lambda f: f["ssim"] - f["paper_ssim"])

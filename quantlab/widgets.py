@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from .analysis import collect_tensors
-from .calibrate import DOBI_MODES, dobi_search, is_one_sided, quantization_error
+from .calibrate import DOBI_MODES, dobi_grid, dobi_search, is_one_sided, quantization_error
 from .checkpoints import as_model
 from .data import calibration_patches
 from .evaluation import super_resolve
@@ -121,7 +121,7 @@ class QuantizerExplorer:
     def dobi_bounds(self, name: str, bits: int) -> tuple[float, float]:
         """``calibrate.dobi_search`` at ``bits`` on the cached sample (one-sided as ``dobi_mode`` says)."""
         symmetric = not is_one_sided(self.quantizers[name], self.dobi_mode)
-        lower, upper = dobi_search(self.tensors[name].values, bits, symmetric=symmetric)
+        lower, upper = dobi_search(self.tensors[name].values, bits, symmetric=symmetric, grid=dobi_grid(self.dobi_mode))
         return float(lower), float(upper)
 
     def dqc_bounds(self, name: str) -> tuple[float, float, int] | None:

@@ -24,8 +24,9 @@ def test_table_rows_carry_the_papers_labels():
     published = set(paper_results()["method"])
     for table in ("2dquant", "condiquant"):
         rows = methods.table_rows(table)
-        assert rows[:2] == ["fp", "bicubic"]
-        assert all(methods.get(m).label in published for m in rows), rows
+        assert rows[:3] == ["fp", "bicubic", "bilinear"]
+        assert all(label in published for m, label in methods.paper_labels().items() if m in rows), rows
+    assert methods.paper_labels()["bilinear"] == "Bicubic" and "bicubic" not in methods.paper_labels()
     assert "condiquant" in methods.table_rows("condiquant") and "condiquant" not in methods.table_rows("2dquant")
 
 
@@ -99,7 +100,7 @@ def test_a_registered_method_runs_end_to_end(tiny_checkpoint, tmp_path):
         return qmodel
 
     methods.register(methods.Method("half_range", "Half range", "a test", run_half_range,
-                                    settings=lambda preset: {"shrink": 0.5}))
+                                    settings=lambda preset, bits, scale: {"shrink": 0.5}))
     try:
         fp = load_model(tiny_checkpoint)
         qmodel = quantize_with(fp, "half_range", 4, patches=torch.rand(2, 3, 16, 16), shrink=0.25)

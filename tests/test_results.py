@@ -21,7 +21,7 @@ RESULTS = tidy([("fp", 32, "Set5", 36.0, 0.95), ("bicubic", 32, "Set5", 33.7, 0.
 
 def test_paper_layout_groups_by_bits_and_bolds_the_best_quantized_value():
     table = paper_layout(RESULTS)
-    assert list(table.index) == [(2, "FP", 32), (2, "Bicubic", 32), (2, "MinMax", 4), (2, "DOBI", 4),
+    assert list(table.index) == [(2, "FP", 32), (2, "Bicubic (MATLAB)", 32), (2, "MinMax", 4), (2, "DOBI", 4),
                                  (2, "MinMax", 2), (2, "DOBI", 2)]
     best = best_per_column(table)
     assert best[("Set5", "PSNR")].tolist() == [False, False, False, True, True, False]
