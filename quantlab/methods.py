@@ -394,3 +394,50 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
+
+
+# PTQ4ViT (quantlab/ptq4vit.py) --------------------------------------------------------------------
+
+PTQ4VIT = ("Yuan et al., PTQ4ViT: Post-Training Quantization for Vision Transformers with Twin Uniform "
+           "Quantization, ECCV 2022")
+
+
+def ptq4vit_settings(preset: str) -> dict:
+    """``paper``/``release``: the official grid (n = 100) and 3 rounds on all 32 patches with about the
+    official data volume (8192 tokens per linear, 256 windows per matmul). ``quick`` (its budget: at most
+    2x DOBI's time): a coarser grid (n = 25, same [α, β)), 2 rounds, the first 4 patches, 1024 tokens,
+    16 windows. ``release`` also takes the official code's softmax sum and FP V in the split search."""
+    if preset not in PRESETS:
+        raise ValueError(f"PTQ4ViT has no preset {preset!r}; choose one of {PRESETS}")
+    settings = {"alpha": 0.01, "beta": 1.2, "num_points": 100, "rounds": 3, "split_points": 20,
+                "softmax_twin": "select", "split_v": "quantized", "matmul_granularity": "head",
+                "search_patches": 32, "tokens": 8192, "windows": 256, "seed": 0}
+    if preset == "quick":
+        settings |= {"num_points": 25, "rounds": 2, "search_patches": 4, "tokens": 1024, "windows": 16}
+    if preset == "release":
+        settings |= {"softmax_twin": "sum", "split_v": "fp"}
+    return settings
+
+
+def prepare_ptq4vit(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
+    return ptq4vit.prepare(qmodel, config.settings["softmax_twin"], config.settings["matmul_granularity"])
+
+
+def run_ptq4vit(c: Calibration) -> nn.Module:
+    """PTQ4ViT: base uniform quantizers, twin-uniform post-softmax/post-GELU quantizers, Hessian-guided
+    alternating scale search on FP inputs. Does not deploy at zero overhead: the twins need range-flag
+    kernels and Q/K/V have per-head steps (see :mod:`quantlab.ptq4vit`)."""
+    s = c.settings
+    search = ptq4vit.Search(c.quant_config.w_bits, c.quant_config.a_bits, alpha=s["alpha"], beta=s["beta"],
+                            num_points=s["num_points"], rounds=s["rounds"], split_points=s["split_points"],
+                            split_v=s["split_v"])
+    return ptq4vit.calibrate(c.start(), c.fp_model, c.patches, search, search_patches=s["search_patches"],
+                             tokens=s["tokens"], windows=s["windows"], seed=s["seed"], progress=c.progress)
+
+
+from . import ptq4vit  # noqa: E402  (appended registration: the module imports quant only)
+
+register(Method("ptq4vit", "PTQ4ViT", PTQ4VIT, run_ptq4vit, settings=ptq4vit_settings, tuned=True,
+                choices={"softmax_twin": ptq4vit.SOFTMAX_TWINS, "split_v": ptq4vit.SPLIT_V,
+                         "matmul_granularity": ptq4vit.GRANULARITIES},
+                prepare=prepare_ptq4vit, tables=("condiquant",)))
