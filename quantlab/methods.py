@@ -366,3 +366,22 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
+
+
+# RepQ-ViT (appended: its own module) --------------------------------------------------------------
+
+from . import repq  # noqa: E402  (kept with its entry)
+
+REPQ_VIT = "Li et al., RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, ICCV 2023"
+
+
+def run_repq_vit(c: Calibration) -> nn.Module:
+    """RepQ-ViT: sequential percentile-MSE calibration (per-channel weights and LayerNorm outputs,
+    log-sqrt(2) softmax), then the per-channel LayerNorm-output quantizers folded into LayerNorm and the
+    next linear (``fold``: exact or as the official code). Deploys with integer kernels at no overhead
+    (the fold is offline; see :mod:`quantlab.repq`)."""
+    return repq.repq_vit(c.start(), c.patches, percentiles=c.settings["percentiles"], sample=c.settings["score_sample"])
+
+
+register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit, settings=repq.settings, tuned=True, prepare=repq.prepare,
+                choices={"fold": repq.FOLDS}, tables=("condiquant",)))
