@@ -380,7 +380,7 @@ def run_repq_vit(c: Calibration) -> nn.Module:
     log-sqrt(2) softmax), then the per-channel LayerNorm-output quantizers folded into LayerNorm and the
     next linear (``fold``: exact or as the official code). Deploys with integer kernels at no overhead
     (the fold is offline; see :mod:`quantlab.repq`)."""
-    return repq.repq_vit(c.start(), c.patches, percentiles=c.settings["percentiles"], sample=c.settings["score_sample"])
+    return repq.repq_vit(c.start(), c.patches, percentiles=c.settings["percentiles"], sample=c.settings["sample"])
 
 
 register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit, settings=repq.settings, tuned=True, prepare=repq.prepare,

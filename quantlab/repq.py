@@ -32,15 +32,19 @@ hand): codes 0..2^b - 1 and zero for x below the smallest level.
 
 Quantiles are exact order statistics (a sampled threshold selects the tail in one pass, the tail
 is sorted), as the official fallback to ``numpy.percentile`` on tensors too large for
-``torch.quantile``. The three candidates' squared errors are summed over all elements of a tensor,
-or, with ``score_sample``, over that many elements drawn uniformly (seeded) from a larger one.
+``torch.quantile``, and the candidates' squared errors are summed over every element (presets
+``paper``, ``release``). The ``quick`` preset (``sample=2**20``) computes both, for the per-tensor
+quantizers of tensors larger than that, on 2^20 elements drawn uniformly (seeded,
+``calibrate.sample_values``): the 0.99999-quantile then rests on about 10 sampled elements, so its
+clipping value is noisier than the exact one. Per-channel fits (weights, LayerNorm outputs) are exact.
 
 Deployment: integer kernels at no inference overhead (reference doc §4). The fold changes FP
 weights offline, so the qkv and fc1 inputs have one (D~, z~) per tensor, as every other linear input
 and matmul operand; weights have one step per output channel, which an integer GEMM applies to its
 int32 output rows (free); the log-sqrt(2) codes of the softmax multiply V by shifts, ceil(q / 2), with
-the parity of q selecting a factor 1 or sqrt(2) (one multiply per code parity, no division).
-The ``official`` fold is not integer-exact (fractional zero point), as released.
+the parity of q selecting a factor 1 or sqrt(2) (one multiply per code parity, no division); its zero
+(codes >= 2^b) is a (2^b + 1)-th value, which b-bit storage holds only with a flag bit or a code given
+up, as in the official code. The ``official`` fold is not integer-exact (fractional zero point).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ if TYPE_CHECKING:
 PERCENTILES = (0.999, 0.9999, 0.99999)  # official: three clipping percentiles, lowest MSE kept
 FOLDS = ("exact", "official")
 DEFAULT_FOLD = "exact"
-SCORE_SAMPLE = 2**20  # elements the candidates are scored on, for tensors larger than this
+SAMPLE = 2**20  # quick preset: elements of a larger whole tensor its quantiles and errors are computed on
 TAIL_SAMPLE = 2**16  # sampled elements that place the selection threshold of a large tensor
 SCORE_CHUNK = 2**16  # elements (rows x columns) per part of the batched candidate scoring
 
@@ -106,9 +110,10 @@ class ZeroGridQuantizer(FakeQuantizer):
 
 
 def settings(preset: str) -> dict:
-    """The settings of each preset: ``release`` folds as the official code, the others exactly."""
+    """The settings of each preset: ``release`` folds as the official code; ``paper`` and ``release`` fit
+    every per-tensor quantizer on all elements (as the official code), ``quick`` on ``SAMPLE`` of them."""
     return {"percentiles": list(PERCENTILES), "fold": "official" if preset == "release" else DEFAULT_FOLD,
-            "score_sample": SCORE_SAMPLE}
+            "sample": SAMPLE if preset == "quick" else None}
 
 
 def folded_pairs(qmodel: nn.Module) -> list[tuple[nn.LayerNorm, list[QuantLinear]]]:
@@ -148,17 +153,16 @@ def prepare(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
 def extremes(x: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
     """The ``count`` largest (or smallest) values of each column of x (M, C), from the extreme inward:
     (count, C). Exact. One column (a whole tensor, up to 50M values) takes one selection pass: a seeded
-    sample (:func:`calibrate.seeded_positions`, as :func:`calibrate.kth_value`) gives a threshold with
-    about 4x ``count`` elements beyond it, those are sorted; were there fewer than ``count`` (never
-    wrong, only slower) the whole tensor is."""
+    sample (:func:`calibrate.sample_values`) gives a threshold with about 4x ``count`` elements beyond
+    it (the rule of :func:`calibrate.kth_value`), those are sorted; were there fewer than ``count``
+    (never wrong, only slower) the whole tensor is."""
     if x.shape[1] > 1:
         return x.T.contiguous().topk(count, dim=1, largest=largest).values.T
     flat = x[:, 0]
     n = flat.numel()
     if n > 16 * TAIL_SAMPLE:
-        picks = flat[calibrate.seeded_positions(n, TAIL_SAMPLE).to(flat.device)]
         rank = min(TAIL_SAMPLE, int(4 * count / n * TAIL_SAMPLE) + 16)
-        threshold = picks.topk(rank, largest=largest).values[-1]
+        threshold = calibrate.sample_values(flat, TAIL_SAMPLE).topk(rank, largest=largest).values[-1]
         near = flat[flat >= threshold] if largest else flat[flat <= threshold]
         flat = near if near.numel() >= count else flat
     return flat.topk(count, largest=largest).values[:, None]
@@ -186,15 +190,7 @@ def lowest_error(x: torch.Tensor, quantize: Callable[[torch.Tensor], torch.Tenso
     return errors.argmin(0)
 
 
-def scored_rows(x: torch.Tensor, sample: int | None) -> torch.Tensor:
-    """The rows of x (M, C) the candidates are scored on: all, or ``sample`` seeded uniform draws."""
-    if sample is None or x.shape[0] <= sample:
-        return x
-    return x[calibrate.seeded_positions(x.shape[0], sample).to(x.device)]
-
-
-def fit_uniform(x: torch.Tensor, bits: int, percentiles: Sequence[float],
-                sample: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_uniform(x: torch.Tensor, bits: int, percentiles: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile-MSE (D, z) of each column of x (M, C), returned as Eq. 1's bounds (lower, upper) (C,):
     l = -z D, u = (2^b - 1 - z) D with the integer z = round(-min / D)."""
     levels = 2**bits - 1
@@ -203,28 +199,31 @@ def fit_uniform(x: torch.Tensor, bits: int, percentiles: Sequence[float],
     step = ((high - low) / levels).clamp_min(MIN_RANGE / levels)
     lower = -torch.round(-low / step) * step  # (P, C)
     upper = lower + levels * step
-    best = lowest_error(scored_rows(x, sample), lambda part: fake_quantize(part[None], lower[:, None], upper[:, None], bits))
+    best = lowest_error(x, lambda part: fake_quantize(part[None], lower[:, None], upper[:, None], bits))
     columns = torch.arange(x.shape[1], device=x.device)
     return lower[best, columns], upper[best, columns]
 
 
-def fit_log_sqrt2(x: torch.Tensor, bits: int, percentiles: Sequence[float], sample: int | None) -> torch.Tensor:
-    """Percentile-MSE scale s (0-d) of :func:`log_sqrt2_quantize` for the whole tensor ``x``."""
-    flat = calibrate.flat_values(x.detach())[:, None]
-    scales = tail_quantiles(flat, percentiles, True).clamp_min(MIN_RANGE)  # (P, 1)
-    best = lowest_error(scored_rows(flat, sample), lambda part: log_sqrt2_quantize(part[None], scales[:, None], bits))
+def fit_log_sqrt2(x: torch.Tensor, bits: int, percentiles: Sequence[float]) -> torch.Tensor:
+    """Percentile-MSE scale s (0-d) of :func:`log_sqrt2_quantize` for the values x (M, 1)."""
+    x = x.detach()
+    scales = tail_quantiles(x, percentiles, True).clamp_min(MIN_RANGE)  # (P, 1)
+    best = lowest_error(x, lambda part: log_sqrt2_quantize(part[None], scales[:, None], bits))
     return scales[best, 0]
 
 
 def fit(quantizer: FakeQuantizer, x: torch.Tensor, percentiles: Sequence[float], sample: int | None) -> None:
-    """Set ``quantizer``'s bounds from the tensor it quantizes: log-sqrt(2) scale, per output channel
-    (a weight (out, in)) or per tensor."""
+    """Set ``quantizer``'s bounds from the tensor it quantizes: per output channel (a weight (out, in)),
+    else per tensor (log-sqrt(2) or uniform) on all its elements or, for a tensor of more than ``sample``
+    elements, on ``sample`` of them drawn uniformly (seeded, :func:`calibrate.sample_values`)."""
+    if quantizer.per_channel:
+        quantizer.set_bounds(*fit_uniform(x.reshape(x.shape[0], -1).T, quantizer.bits, percentiles))
+        return
+    values = (calibrate.sample_values(x, sample) if sample and x.numel() > sample else calibrate.flat_values(x))[:, None]
     if isinstance(quantizer, LogSqrt2Quantizer):
-        quantizer.set_bounds(0.0, fit_log_sqrt2(x, quantizer.bits, percentiles, sample))
-    elif quantizer.per_channel:
-        quantizer.set_bounds(*fit_uniform(x.reshape(x.shape[0], -1).T, quantizer.bits, percentiles, sample))
+        quantizer.set_bounds(0.0, fit_log_sqrt2(values, quantizer.bits, percentiles))
     else:
-        quantizer.set_bounds(*fit_uniform(x.reshape(-1, 1), quantizer.bits, percentiles, sample))
+        quantizer.set_bounds(*fit_uniform(values, quantizer.bits, percentiles))
 
 
 # Calibration and fold ----------------------------------------------------------------------------
@@ -247,7 +246,7 @@ def calibrate_sequential(qmodel: nn.Module, patches: torch.Tensor, percentiles: 
             fit(quantizer, x, percentiles, sample)
             return None
         if last.get("x") is not x:  # holding x keeps its identity unique
-            bounds = fit_uniform(x.reshape(-1, x.shape[-1]), quantizer.bits, percentiles, sample)
+            bounds = fit_uniform(x.reshape(-1, x.shape[-1]), quantizer.bits, percentiles)
             last.update(x=x, bounds=bounds, out=fake_quantize(x, *bounds, quantizer.bits))
         found[quantizer] = last["bounds"]
         return (last["out"],)  # the quantizer is off: it passes the per-channel quantized tensor on
@@ -288,7 +287,7 @@ def fold(norm: nn.LayerNorm, linears: Sequence[QuantLinear], lower: torch.Tensor
 
 
 def repq_vit(qmodel: nn.Module, patches: torch.Tensor, percentiles: Sequence[float] = PERCENTILES,
-             sample: int | None = SCORE_SAMPLE) -> nn.Module:
+             sample: int | None = None) -> nn.Module:
     """RepQ-ViT on a model in :func:`prepare`'s structure (the fold mode is its input quantizers' class):
     sequential percentile-MSE calibration, the fold of norm1 -> qkv and norm2 -> fc1, then the qkv and
     fc1 weight quantizers fitted again on the folded weights. In place; returns ``qmodel``."""

@@ -66,7 +66,7 @@ def test_tail_quantiles_equal_torch_quantile_per_column_and_on_a_large_tensor():
 def test_fit_uniform_keeps_the_percentile_with_the_lowest_error_per_column():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4000, 5, generator=gen) ** 3
-    lower, upper = repq.fit_uniform(x, 3, repq.PERCENTILES, sample=None)
+    lower, upper = repq.fit_uniform(x, 3, repq.PERCENTILES)
     for c in range(5):
         candidates = [(torch.quantile(x[:, c], 1 - p), torch.quantile(x[:, c], p)) for p in repq.PERCENTILES]
         errors = [(official_uniform(x[:, c], lo, hi, 3) - x[:, c]).square().sum() for lo, hi in candidates]
@@ -77,7 +77,7 @@ def test_fit_uniform_keeps_the_percentile_with_the_lowest_error_per_column():
 def test_fit_log_sqrt2_keeps_the_percentile_with_the_lowest_error():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(64, 16, generator=gen).mul(3).softmax(-1)
-    scale = repq.fit_log_sqrt2(x, 4, repq.PERCENTILES, sample=None)
+    scale = repq.fit_log_sqrt2(x.reshape(-1, 1), 4, repq.PERCENTILES)
     errors = {p: (repq.log_sqrt2_quantize(x, torch.quantile(x.reshape(-1), p), 4) - x).square().sum()
               for p in repq.PERCENTILES}
     best = min(errors, key=errors.get)
@@ -101,7 +101,7 @@ def test_fold_of_one_layernorm_linear_pair(fold):
     x = torch.randn(200, 3, dim, generator=gen, dtype=torch.float64) * 2 + 1
     with torch.no_grad():
         y = norm(x)
-        lower, upper = repq.fit_uniform(y.reshape(-1, dim), bits, repq.PERCENTILES, sample=None)
+        lower, upper = repq.fit_uniform(y.reshape(-1, dim), bits, repq.PERCENTILES)
         per_channel = linear.project(fake_quantize(y, lower, upper, bits))
         fp = linear.project(y)
         assert len(set(((upper - lower) / (2**bits - 1)).tolist())) == dim  # a step per channel
@@ -186,6 +186,7 @@ def test_save_load_round_trip(tiny, tmp_path, fold):
 def test_settings_and_cli(tiny_checkpoint, train_folder, tmp_path, capsys):
     assert methods.resolve("repq_vit", 4, "release").settings["fold"] == "official"
     assert methods.resolve("repq_vit", 4, "quick").settings["fold"] == "exact"
+    assert methods.resolve("repq_vit", 4, "paper").settings["sample"] is None  # every element, as released
     with pytest.raises(ValueError, match="must be one of"):
         methods.resolve("repq_vit", 4, fold="rounded")
     out = tmp_path / "q.pt"
