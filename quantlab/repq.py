@@ -22,8 +22,9 @@ SwinIR port of RepQ-ViT. Per quantizer, as the official code (zkkli/RepQ-ViT, ``
   of qkv and fc1 are fitted again on the folded weights.
 
 Paper vs official code: the official per-tensor quantizer after the fold computes round(x / D~) + z~
-with the fractional z~ = mean(z), which is not the per-channel quantizer it replaces (the grid is
-shifted by frac(z~) D~ and one level can be lost). The paper's intent is an exact reparameterization:
+with the fractional z~ = mean(z), which is not the per-channel quantizer it replaces: its codes are
+not integers, and its values are the multiples of D~ inside [-z~ D~, (2^b - 1 - z~) D~] plus the two
+off-grid ends of that range. The paper's intent is an exact reparameterization:
 ``fold="exact"`` (default) keeps the real-valued lower bound l = -z~ D~ of Eq. 1, whose grid l + k D~
 is each channel's grid (k - z_c) D_c mapped through the fold, so the folded model quantizes exactly as
 the per-channel one. ``fold="official"`` (the ``release`` preset) reproduces the code with
@@ -68,7 +69,7 @@ FOLDS = ("exact", "official")
 DEFAULT_FOLD = "exact"
 SAMPLE = 2**20  # quick preset: elements of a larger whole tensor its quantiles and errors are computed on
 TAIL_SAMPLE = 2**16  # sampled elements that place the selection threshold of a large tensor
-SCORE_CHUNK = 2**16  # elements (rows x columns) per part of the batched candidate scoring
+SCORE_CHUNK = 2**20  # elements (rows x columns) per part of the batched candidate scoring (few, large ops)
 
 
 def log_sqrt2_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
