@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibrate
+from . import calibrate, ptq4vit, repq
 from .condition import ConditionConfig, condition_model
 from .data import calibration_patches
 from .dbdc import PRESET_NAMES as PAC_PRESETS
@@ -359,50 +359,13 @@ def run_condiquant(c: Calibration) -> nn.Module:
     return distill(c, qmodel, conditioned if c.settings["teacher"] == "conditioned" else c.fp_model)
 
 
-# The registry, in the papers' row order -----------------------------------------------------------
-
-TWO_DQUANT = "Liu et al., 2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution, NeurIPS 2024"
-CONDIQUANT = "Liu et al., CondiQuant: Condition Number Based Low-Bit Quantization for Image Super-Resolution, 2025"
-
-register(Method("fp", "FP", "full-precision SwinIR-light (Liang et al., ICCVW 2021)", upscaler=lambda fp: fp,
-                tables=("2dquant", "condiquant")))
-register(Method("bicubic", "Bicubic (MATLAB)", "MATLAB imresize bicubic of the LR input", upscaler=lambda fp: "bicubic",
-                tables=("2dquant", "condiquant"), compared=False))
-register(Method("bilinear", "Bilinear (papers' Bicubic)", "torchvision Resize of the LR input, bilinear: what the "
-                "2DQuant code runs for its 'Bicubic' row", upscaler=lambda fp: "bilinear",
-                tables=("2dquant", "condiquant"), paper_label="Bicubic"))
-register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient integer-arithmetic-only inference, CVPR 2018", run_minmax,
-                tables=("2dquant",)))
-register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, CVPR 2019", run_percentile,
-                settings=lambda preset, bits, scale: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
-register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
-                "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
-                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant")))
-register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
-                settings=lambda preset, bits, scale: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
-                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
-register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
-                settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,
-                stage1=lambda settings: ("minmax", {})))
-register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
-                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
-                stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
-                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant", "condiquant")))
-register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
-                settings=lambda preset, bits, scale: {
-                    "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
-                    "conditioning": asdict(ConditionConfig()) | {
-                        "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
-                tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
-
-
 # PTQ4ViT (quantlab/ptq4vit.py) --------------------------------------------------------------------
 
 PTQ4VIT = ("Yuan et al., PTQ4ViT: Post-Training Quantization for Vision Transformers with Twin Uniform "
            "Quantization, ECCV 2022")
 
 
-def ptq4vit_settings(preset: str) -> dict:
+def ptq4vit_settings(preset: str, bits: int, scale: int | None) -> dict:
     """``paper``/``release``: the official grid (n = 100) and 3 rounds on all 32 patches with about the
     official data volume (8192 tokens per linear, 256 windows per matmul). ``quick`` (its budget: at most
     2x DOBI's time): a coarser grid (n = 25, same [α, β)), 2 rounds, the first 4 patches, 1024 tokens,
@@ -431,13 +394,61 @@ def run_ptq4vit(c: Calibration) -> nn.Module:
     search = ptq4vit.Search(c.quant_config.w_bits, c.quant_config.a_bits, alpha=s["alpha"], beta=s["beta"],
                             num_points=s["num_points"], rounds=s["rounds"], split_points=s["split_points"],
                             split_v=s["split_v"])
-    return ptq4vit.calibrate(c.start(), c.fp_model, c.patches, search, search_patches=s["search_patches"],
+    return ptq4vit.calibrate(c.start(), c.fp_model, c.batch, search, search_patches=s["search_patches"],
                              tokens=s["tokens"], windows=s["windows"], seed=s["seed"], progress=c.progress)
 
 
-from . import ptq4vit  # noqa: E402  (appended registration: the module imports quant only)
+# RepQ-ViT (quantlab/repq.py) --------------------------------------------------------------
 
+REPQ_VIT = "Li et al., RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, ICCV 2023"
+
+
+def run_repq_vit(c: Calibration) -> nn.Module:
+    """RepQ-ViT: sequential percentile-MSE calibration (per-channel weights and LayerNorm outputs,
+    log-sqrt(2) softmax), then the per-channel LayerNorm-output quantizers folded into LayerNorm and the
+    next linear (``fold``: exact or as the official code). Deploys with integer kernels at no overhead
+    (the fold is offline; see :mod:`quantlab.repq`)."""
+    return repq.repq_vit(c.start(), c.batch, percentiles=c.settings["percentiles"], sample=c.settings["sample"])
+
+
+# The registry, in the papers' row order -----------------------------------------------------------
+
+TWO_DQUANT = "Liu et al., 2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution, NeurIPS 2024"
+CONDIQUANT = "Liu et al., CondiQuant: Condition Number Based Low-Bit Quantization for Image Super-Resolution, 2025"
+
+register(Method("fp", "FP", "full-precision SwinIR-light (Liang et al., ICCVW 2021)", upscaler=lambda fp: fp,
+                tables=("2dquant", "condiquant")))
+register(Method("bicubic", "Bicubic (MATLAB)", "MATLAB imresize bicubic of the LR input", upscaler=lambda fp: "bicubic",
+                tables=("2dquant", "condiquant"), compared=False))
+register(Method("bilinear", "Bilinear (papers' Bicubic)", "torchvision Resize of the LR input, bilinear: what the "
+                "2DQuant code runs for its 'Bicubic' row", upscaler=lambda fp: "bilinear",
+                tables=("2dquant", "condiquant"), paper_label="Bicubic"))
+register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient integer-arithmetic-only inference, CVPR 2018", run_minmax,
+                tables=("2dquant",)))
+register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, CVPR 2019", run_percentile,
+                settings=lambda preset, bits, scale: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
+register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
+                "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
+                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant")))
 register(Method("ptq4vit", "PTQ4ViT", PTQ4VIT, run_ptq4vit, settings=ptq4vit_settings, tuned=True,
                 choices={"softmax_twin": ptq4vit.SOFTMAX_TWINS, "split_v": ptq4vit.SPLIT_V,
                          "matmul_granularity": ptq4vit.GRANULARITIES},
                 prepare=prepare_ptq4vit, tables=("condiquant",)))
+register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit, settings=lambda preset, bits, scale: repq.settings(preset), tuned=True, prepare=repq.prepare,
+                choices={"fold": repq.FOLDS}, tables=("condiquant",)))
+register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
+                settings=lambda preset, bits, scale: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
+                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
+register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
+                settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,
+                stage1=lambda settings: ("minmax", {})))
+register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
+                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
+                stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
+                choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant", "condiquant")))
+register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
+                settings=lambda preset, bits, scale: {
+                    "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
+                    "conditioning": asdict(ConditionConfig()) | {
+                        "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
+                tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))

@@ -28,7 +28,6 @@ from .methods import FP_BITS, MethodConfig
 from .pipeline import load_quantized, quantize_to_file, weights_fingerprint
 
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers
-PAPER_ONLY = ("PTQ4ViT", "RepQ-ViT", "NoisyQuant")  # CondiQuant Table 3 rows quantlab does not implement
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
 CACHE_VERSION = 3  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
@@ -234,6 +233,16 @@ def check_one_row_per_cell(results: pd.DataFrame) -> None:
                          f"into one row; make one table per model, e.g. results[results.model == {models[0]!r}]")
     raise ValueError(f"{len(repeated)} rows for the cell x{row['scale']} {row['method']} {row['bits']} bit "
                      f"{row['dataset']}; keep one row per (scale, method, bits, dataset)")
+
+
+def not_computed(table: str = "CondiQuant Table 3") -> tuple[str, ...]:
+    """The paper labels of ``table``'s rows that no registered method computes (shown as paper-only rows)."""
+    computed = set(registry.paper_labels().values())
+    labels = dict.fromkeys(paper_results(table)["method"])
+    return tuple(label for label in labels if label not in computed)
+
+
+PAPER_ONLY = not_computed()  # CondiQuant Table 3 rows quantlab does not compute
 
 
 def paper_only_rows(results: pd.DataFrame, methods: Iterable[str] = PAPER_ONLY) -> pd.DataFrame:
