@@ -63,8 +63,9 @@ if TYPE_CHECKING:
     from .methods import MethodConfig
 
 NOISES = ("uniform", "gaussian")  # N_0: the paper's Uniform, or the official code's 2 randn - 1
+PASSES = (1, 2)  # sequential calibration passes: 2 as the official code (ranges, then noise), or 1
 GRIDS = ("asymmetric", "symmetric")  # base clip grid of the linear layers: (min, max) i/K, or official signed
-CHUNK_ELEMENTS = 2**23  # candidates are scored this many floats (about 32 MB) at a time
+CHUNK_ELEMENTS = 2**22  # candidates are scored this many floats (16 MB) at a time
 
 
 class NoisyQuantizer(FakeQuantizer):
@@ -178,20 +179,33 @@ def clip_candidates(lo: torch.Tensor, hi: torch.Tensor, bits: int, grid: str, po
     return -clip * half / (half - 1), clip
 
 
-def candidate_errors(output: Callable[[slice], torch.Tensor], count: int, numel: int,
-                     target: torch.Tensor | None = None, per_column: bool = False) -> torch.Tensor:
-    """Squared errors sum (output(k) - target)^2 (target None: 0) of ``count`` candidates, scored a chunk
-    at a time: ``output(slice)`` gives those candidates' outputs, (k, ...); ``numel``: the largest tensor
-    one candidate makes, in elements (sets the chunk). Returns (K,), or (K, C) summed over all but the
-    last dim with ``per_column`` (per-output-channel weights)."""
-    chunk = max(1, CHUNK_ELEMENTS // numel)
+def candidate_errors(residual: Callable[[slice], torch.Tensor], count: int, numel: int, b: torch.Tensor,
+                     c: torch.Tensor | None = None, per_row: bool = False) -> torch.Tensor:
+    """||E_k b + c||^2 of ``count`` candidates, scored a chunk of candidates at a time (one tensor each).
+
+    ``residual(slice)``: those candidates' E_k, (k, ..., m, p), ``numel`` elements per candidate;
+    b: (..., p, q); c: (..., m, q) or None (0). When q > p it is computed as
+    sum(E_k ⊙ (E_k G + 2 c b^T)) + ||c||^2 with G = b b^T (p x p): the same value without the
+    (k, ..., m, q) image. Returns (K,), or (K, m) summed over the last dim only with ``per_row``
+    (per-output-channel weights; c must be None)."""
+    p, q = b.shape[-2:]
+    gram = q > p
+    if gram:
+        g = b @ b.mT
+        cross = None if c is None else 2 * (c @ b.mT)
+    chunk = max(1, CHUNK_ELEMENTS // (numel if gram else numel * max(p, q) // p))  # E_k and its image
     errors = []
     for start in range(0, count, chunk):
-        err = output(slice(start, min(start + chunk, count)))
-        err = (err if target is None else err.sub_(target)).square_()
-        errors.append(err.flatten(1, -2).sum(1) if per_column else err.flatten(1).sum(1))
-    return torch.cat(errors)
-
+        e = residual(slice(start, min(start + chunk, count)))
+        if gram:
+            image = e @ g
+            err = (image if cross is None else image.add_(cross)).mul_(e)
+        else:
+            image = e @ b
+            err = (image if c is None else image.add_(c)).square_()
+        errors.append(err.sum(-1) if per_row else err.flatten(1).sum(1))
+    total = torch.cat(errors)
+    return total if c is None else total + c.square().sum()
 
 def best(errors: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The candidate (first on ties) of smallest error: errors (K,) over (K, ...) candidates, or (K, C)
@@ -213,11 +227,10 @@ def search_weight(rows: torch.Tensor, part: QuantLinear, grid: str, points: int)
         lo, hi = (t.reshape(1, 1) for t in weight.aminmax())
     lower, upper = clip_candidates(lo, hi, quantizer.bits, grid, points)  # (K, C_out or 1, 1)
 
-    def output(k: slice) -> torch.Tensor:
-        return rows @ (fake_quantize(weight, lower[k], upper[k], quantizer.bits) - weight).mT
+    def residual(k: slice) -> torch.Tensor:
+        return fake_quantize(weight, lower[k], upper[k], quantizer.bits) - weight  # (k, C_out, C_in)
 
-    errors = candidate_errors(output, points, max(weight.numel(), rows.shape[0] * weight.shape[0]),
-                              per_column=quantizer.per_channel)
+    errors = candidate_errors(residual, points, weight.numel(), rows.mT, per_row=quantizer.per_channel)
     quantizer.set_bounds(*best(errors, lower, upper))
 
 
@@ -227,30 +240,29 @@ def input_errors(rows: torch.Tensor, weight: torch.Tensor, lower: torch.Tensor, 
     rows: (T, C_in); weight: W_q (C_out, C_in); lower, upper: (K,); offsets: N_k, (K, C_in) or (K, 1).
     Returns (K,)."""
 
-    def output(k: slice) -> torch.Tensor:
+    def residual(k: slice) -> torch.Tensor:
         shifted = rows + offsets[k, None]
-        q = fake_quantize(shifted, lower[k, None, None], upper[k, None, None], bits)
-        return q.sub_(shifted) @ weight.mT  # Q(x + N) - (x + N) = Q(x + N) - N - x
+        # Q(x + N) - (x + N) = Q(x + N) - N - x
+        return fake_quantize(shifted, lower[k, None, None], upper[k, None, None], bits).sub_(shifted)
 
-    return candidate_errors(output, lower.shape[0], rows.shape[0] * max(weight.shape))
+    return candidate_errors(residual, lower.shape[0], rows.numel(), weight.mT)
 
 
 def search_operands(matmul: QuantMatMul, a: torch.Tensor, b: torch.Tensor, points: int, windows: int) -> None:
     """EasyQuant-like ranges of a matmul's operands (asymmetric grid): the first operand's minimizing
-    ||Q(a) b - a b||^2, then the second's minimizing ||Q(a) Q(b) - a b||^2, on at most ``windows`` seeded windows
-    (dim 0, :func:`some_rows`) of a (W, heads, n, d) and b (W, heads, d, n); candidates from the whole tensors' min/max."""
+    ||Q(a) b - a b||^2, then the second's minimizing ||Q(a) Q(b) - a b||^2 = ||Q(a) (Q(b) - b) + c||^2 with
+    c = (Q(a) - a) b, on at most ``windows`` seeded windows (dim 0, :func:`some_rows`) of a (W, heads, n, d)
+    and b (W, heads, d, n); candidates from the whole tensors' min/max."""
     a_rows, b_rows = some_rows(a, windows), some_rows(b, windows)  # the same windows of both
-    target = a_rows @ b_rows
-    numel = max(a_rows.numel(), b_rows.numel(), target.numel())
     qa, qb = (getattr(matmul, name) for name in matmul.names)
     lower, upper = (t.reshape(-1, 1, 1, 1, 1) for t in clip_candidates(*a.aminmax(), qa.bits, "asymmetric", points))
-    errors = candidate_errors(lambda k: fake_quantize(a_rows, lower[k], upper[k], qa.bits) @ b_rows, points, numel,
-                              target)
+    errors = candidate_errors(lambda k: fake_quantize(a_rows, lower[k], upper[k], qa.bits) - a_rows, points,
+                              a_rows.numel(), b_rows)
     qa.set_bounds(*best(errors, lower, upper))
     a_q = qa(a_rows)
     lower, upper = (t.reshape(-1, 1, 1, 1, 1) for t in clip_candidates(*b.aminmax(), qb.bits, "asymmetric", points))
-    errors = candidate_errors(lambda k: a_q @ fake_quantize(b_rows, lower[k], upper[k], qb.bits), points, numel,
-                              target)
+    errors = candidate_errors(lambda k: (fake_quantize(b_rows, lower[k], upper[k], qb.bits) - b_rows).mT, points,
+                              b_rows.numel(), a_q.mT, ((a_q - a_rows) @ b_rows).mT)  # transposed: E^T a_q^T + c^T
     qb.set_bounds(*best(errors, lower, upper))
 
 
@@ -339,26 +351,33 @@ def _sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Modul
 
 
 def calibrate(qmodel: nn.Module, patches: torch.Tensor, settings: Mapping) -> nn.Module:
-    """NoisyQuant of a :func:`prepare`-d model (in place): pass 1 sets every quantizer's range, pass 2
-    every noisy layer's N (both sequential). ``patches``: (N, 3, h, w) LR inputs in [0, 1]."""
+    """NoisyQuant of a :func:`prepare`-d model (in place), sequential. ``passes`` 2 (the official code):
+    pass 1 sets every quantizer's range, pass 2 every noisy layer's N; 1: each layer's ranges then its N
+    as its input arrives (one quantized forward fewer). ``patches``: (N, 3, h, w) LR inputs in [0, 1]."""
     if not torch.isfinite(patches).all():
         raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+    if settings["passes"] not in PASSES:
+        raise ValueError(f"passes must be one of {PASSES}, got {settings['passes']!r}")
     blocks = [block for layer in qmodel.layers for block in layer.blocks]
     linears = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
     matmuls = [m for b in blocks for m in (b.attn.matmul_qk, b.attn.matmul_av)]
     for _, quantizer in quantizers(qmodel):
         if isinstance(quantizer, NoisyQuantizer):
             quantizer.set_noise(0.0, 0.0)
+    generator = torch.Generator().manual_seed(settings["seed"])
+    one_pass = settings["passes"] == 1
 
     def ranges(module: nn.Module, args: tuple) -> None:
         if isinstance(module, QuantMatMul):
             search_operands(module, *args, settings["clip_points"], settings["score_windows"])
-        else:
-            search_ranges(module, args[0], settings)
+            return
+        search_ranges(module, args[0], settings)
+        if one_pass:
+            search_noise(module, args[0], settings, generator)
 
-    generator = torch.Generator().manual_seed(settings["seed"])
     _sequential(qmodel, patches, linears + matmuls, ranges)
-    _sequential(qmodel, patches, linears, lambda module, args: search_noise(module, args[0], settings, generator))
+    if not one_pass:
+        _sequential(qmodel, patches, linears, lambda module, args: search_noise(module, args[0], settings, generator))
     return qmodel
 
 
@@ -369,10 +388,10 @@ def settings_of(preset: str) -> dict:
     coarse = preset == "quick"
     official = preset == "release"
     return {"noise": "gaussian" if official else "uniform", "grid": "symmetric" if official else "asymmetric",
-            "weight_search": not official, "search_mean": True,
+            "weight_search": not official, "search_mean": True, "passes": 1 if coarse else 2,
             "clip_points": 100 if coarse else 1000, "mean_points": 40 if coarse else 400,
             "noise_points": 200 if coarse else 2000, "score_tokens": 2048 if coarse else 8192,
             "score_windows": 32 if coarse else 128, "seed": 0}
 
 
-CHOICES = {"noise": NOISES, "grid": GRIDS}
+CHOICES = {"noise": NOISES, "grid": GRIDS, "passes": PASSES}

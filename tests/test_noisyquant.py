@@ -95,9 +95,10 @@ def test_clip_candidates(grid):
         assert torch.allclose(upper, 2.0 * scale) and torch.allclose(lower, -4 * 2.0 * scale / 3)
 
 
-def test_input_errors_match_a_loop():
+@pytest.mark.parametrize("out", [4, 9])  # C_out < C_in: the image E W^T; C_out > C_in: the Gram form
+def test_input_errors_match_a_loop(out):
     torch.manual_seed(0)
-    rows, weight = torch.randn(50, 6), torch.randn(4, 6)
+    rows, weight = torch.randn(50, 6), torch.randn(out, 6)
     lower, upper = torch.tensor([-1.0, -0.5, -2.0]), torch.tensor([1.0, 0.8, 1.5])
     offsets = torch.randn(3, 6) * 0.1
     errors = noisyquant.input_errors(rows, weight, lower, upper, offsets, 3)
@@ -133,10 +134,12 @@ def test_weight_search_matches_a_loop(per_channel):
         assert torch.allclose(part.weight.lower, w.min() * s) and torch.allclose(part.weight.upper, w.max() * s)
 
 
-def test_operand_search_matches_a_loop():
+@pytest.mark.parametrize("a_shape, b_shape", [((5, 2, 4, 3), (5, 2, 3, 4)),  # Q K^T: Gram forms
+                                              ((5, 2, 4, 4), (5, 2, 4, 3))])  # A V: images, with c
+def test_operand_search_matches_a_loop(a_shape, b_shape):
     torch.manual_seed(0)
     matmul = QuantMatMul(("q", "k"), ("query", "key"), QuantConfig(bits=3))
-    a, b = torch.randn(5, 2, 4, 3), torch.randn(5, 2, 3, 4)
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
     noisyquant.search_operands(matmul, a, b, 6, windows=10)
     scales = [i / 6 for i in range(6, 0, -1)]
     target = a @ b
@@ -197,7 +200,7 @@ def test_quantize_with_off_equals_fp_and_round_trips_through_a_file(tiny, tmp_pa
 
 
 def test_calibration_is_sequential(tiny, monkeypatch):
-    """Pass 1 fits each layer on its input with every layer upstream quantized (N = 0 in pass 1)."""
+    """Pass 1 of 2 fits each layer's ranges on its input with every layer upstream quantized (N = 0)."""
     fp, patches = tiny
     seen = {}
     search_ranges = noisyquant.search_ranges
@@ -208,7 +211,7 @@ def test_calibration_is_sequential(tiny, monkeypatch):
 
     monkeypatch.setattr(noisyquant, "search_ranges", recording)
     qmodel = noisyquant.calibrate(noisyquant.prepare(quantize(fp, QuantConfig(bits=2))), patches,
-                                  noisyquant.settings_of("quick"))
+                                  noisyquant.settings_of("quick") | {"passes": 2})
     for _, q in quantizers(qmodel):
         if isinstance(q, NoisyQuantizer):
             q.set_noise(0.0, 0.0)
@@ -225,6 +228,28 @@ def test_calibration_is_sequential(tiny, monkeypatch):
         fc2.register_forward_pre_hook(lambda m, args: inputs.__setitem__("fp", args[0]))
         qmodel(patches)
     assert not torch.allclose(inputs["fp"], seen[fc2], atol=1e-3)  # not the FP input: quantized upstream
+
+
+def test_one_pass_calibrates_each_layer_on_its_final_input(tiny, monkeypatch):
+    """With ``passes=1`` each layer's ranges and N are searched on the input it gets from the finished
+    upstream (quantized, with its noise): the calibrated model reproduces every recorded input."""
+    fp, patches = tiny
+    seen = {}
+    search_noise = noisyquant.search_noise
+
+    def recording(layer, x, settings, generator):
+        seen[layer] = x.clone()
+        search_noise(layer, x, settings, generator)
+
+    monkeypatch.setattr(noisyquant, "search_noise", recording)
+    qmodel = noisyquant.calibrate(noisyquant.prepare(quantize(fp, QuantConfig(bits=3))), patches,
+                                  noisyquant.settings_of("quick") | {"passes": 1})
+    inputs = {}
+    for layer in seen:
+        layer.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0]))
+    with torch.no_grad():
+        qmodel(patches)
+    assert len(seen) == 4 * 4 and all(torch.equal(inputs[layer], x) for layer, x in seen.items())
 
 
 def test_settings_and_cli(tiny_checkpoint, train_folder, tmp_path):
