@@ -252,6 +252,19 @@ def test_one_pass_calibrates_each_layer_on_its_final_input(tiny, monkeypatch):
     assert len(seen) == 4 * 4 and all(torch.equal(inputs[layer], x) for layer, x in seen.items())
 
 
+def test_release_preset_runs_the_official_choices(tiny):
+    """Gaussian N_0, the symmetric signed grid (l = -2^(b-1) u / (2^(b-1) - 1)) and absmax weights."""
+    fp, patches = tiny
+    qmodel = quantize_with(fp, "noisyquant", bits=3, preset="release", patches=patches)
+    fc1 = qmodel.layers[0].blocks[0].mlp.fc1
+    assert torch.allclose(fc1.act.lower, -4 * fc1.act.upper / 3)
+    absmax = fc1.linear.weight.abs().max()
+    assert torch.allclose(fc1.weight.upper, absmax) and torch.allclose(fc1.weight.lower, -4 * absmax / 3)
+    set_mode(qmodel, "off")
+    with torch.no_grad():
+        assert torch.allclose(qmodel(patches), fp(patches), atol=1e-5)
+
+
 def test_settings_and_cli(tiny_checkpoint, train_folder, tmp_path):
     from quantlab import methods
 
