@@ -375,8 +375,9 @@ from . import noisyquant  # noqa: E402  (appended: the module registers after th
 
 def run_noisyquant(c: Calibration) -> nn.Module:
     """NoisyQuant: EasyQuant-like output-MSE ranges for all 384 quantizers, then a fixed noisy bias on the
-    linear layers' inputs, removed through their biases (sequential, two passes). proj and fc2 need a
-    per-channel add of N before quantization at inference; q/k/v and fc1 fold it into LayerNorm's beta."""
+    linear layers' inputs, removed through their biases (sequential: two passes as the official code, one in
+    ``quick``). proj and fc2 need a per-channel add of N before quantization at inference; q/k/v and fc1
+    fold it into LayerNorm's beta."""
     return noisyquant.calibrate(c.start(), c.patches, c.settings)
 
 
