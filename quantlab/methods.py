@@ -452,3 +452,22 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
+
+
+# NoisyQuant (quantlab/noisyquant.py) ---------------------------------------------------------------
+
+from . import noisyquant  # noqa: E402  (appended: the module registers after the methods above)
+
+
+def run_noisyquant(c: Calibration) -> nn.Module:
+    """NoisyQuant: EasyQuant-like output-MSE ranges for all 384 quantizers, then a fixed noisy bias on the
+    linear layers' inputs, removed through their biases (sequential: two passes as the official code, one in
+    ``quick``). proj and fc2 need a per-channel add of N before quantization at inference; q/k/v and fc1
+    fold it into LayerNorm's beta."""
+    return noisyquant.calibrate(c.start(), c.patches, c.settings)
+
+
+register(Method("noisyquant", "NoisyQuant", "Liu et al., NoisyQuant: Noisy Bias-Enhanced Post-Training Activation "
+                "Quantization for Vision Transformers, CVPR 2023", run_noisyquant,
+                settings=noisyquant.settings_of, tuned=True, prepare=noisyquant.prepare,
+                choices=noisyquant.CHOICES, tables=("condiquant",)))
