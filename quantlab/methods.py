@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibrate, ptq4vit, repq
+from . import calibrate, noisyquant, ptq4vit, repq
 from .condition import ConditionConfig, condition_model
 from .data import calibration_patches
 from .dbdc import PRESET_NAMES as PAC_PRESETS
@@ -411,6 +411,16 @@ def run_repq_vit(c: Calibration) -> nn.Module:
     return repq.repq_vit(c.start(), c.batch, percentiles=c.settings["percentiles"], sample=c.settings["sample"])
 
 
+# NoisyQuant (quantlab/noisyquant.py) ---------------------------------------------------------------
+
+def run_noisyquant(c: Calibration) -> nn.Module:
+    """NoisyQuant: EasyQuant-like output-MSE ranges for all 384 quantizers, then a fixed noisy bias on the
+    linear layers' inputs, removed through their biases (sequential: two passes as the official code, one in
+    ``quick``). proj and fc2 need a per-channel add of N before quantization at inference; q/k/v and fc1
+    fold it into LayerNorm's beta."""
+    return noisyquant.calibrate(c.start(), c.batch, c.settings)
+
+
 # The registry, in the papers' row order -----------------------------------------------------------
 
 TWO_DQUANT = "Liu et al., 2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution, NeurIPS 2024"
@@ -436,6 +446,10 @@ register(Method("ptq4vit", "PTQ4ViT", PTQ4VIT, run_ptq4vit, settings=ptq4vit_set
                 prepare=prepare_ptq4vit, tables=("condiquant",)))
 register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit, settings=lambda preset, bits, scale: repq.settings(preset), tuned=True, prepare=repq.prepare,
                 choices={"fold": repq.FOLDS}, tables=("condiquant",)))
+register(Method("noisyquant", "NoisyQuant", "Liu et al., NoisyQuant: Noisy Bias-Enhanced Post-Training Activation "
+                "Quantization for Vision Transformers, CVPR 2023", run_noisyquant,
+                settings=lambda preset, bits, scale: noisyquant.settings_of(preset), tuned=True, prepare=noisyquant.prepare,
+                choices=noisyquant.CHOICES, tables=("condiquant",)))
 register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
                 settings=lambda preset, bits, scale: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
                 choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
@@ -452,22 +466,3 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
-
-
-# NoisyQuant (quantlab/noisyquant.py) ---------------------------------------------------------------
-
-from . import noisyquant  # noqa: E402  (appended: the module registers after the methods above)
-
-
-def run_noisyquant(c: Calibration) -> nn.Module:
-    """NoisyQuant: EasyQuant-like output-MSE ranges for all 384 quantizers, then a fixed noisy bias on the
-    linear layers' inputs, removed through their biases (sequential: two passes as the official code, one in
-    ``quick``). proj and fc2 need a per-channel add of N before quantization at inference; q/k/v and fc1
-    fold it into LayerNorm's beta."""
-    return noisyquant.calibrate(c.start(), c.patches, c.settings)
-
-
-register(Method("noisyquant", "NoisyQuant", "Liu et al., NoisyQuant: Noisy Bias-Enhanced Post-Training Activation "
-                "Quantization for Vision Transformers, CVPR 2023", run_noisyquant,
-                settings=noisyquant.settings_of, tuned=True, prepare=noisyquant.prepare,
-                choices=noisyquant.CHOICES, tables=("condiquant",)))
