@@ -17,6 +17,7 @@ from torch import nn
 from . import methods
 from .calibrate import DOBI_MODES
 from .checkpoints import EMBEDDED_MODELS, load_model
+from .cost import export_packed
 from .data import Benchmark
 from .evaluation import PAD_MODES, UPSCALERS, evaluate, per_image, summarize
 from .files import check_output_path
@@ -191,12 +192,17 @@ def method_options(args: argparse.Namespace) -> dict:
 def cmd_quantize(args: argparse.Namespace) -> None:
     options = method_options(args)
     check_output_path(args.out, inputs=[args.model])
+    if args.export_packed:
+        check_output_path(args.export_packed, inputs=[args.model, args.out])
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
     qmodel = quantize_to_file(fp_model, args.method, args.bits, args.out, args.preset, inputs=[args.model],
                               train_folder=args.data, **options)
     print(f"written: {args.out} ({args.method}, {args.bits} bits, {sum(1 for _ in quantizers(qmodel))} quantizers)")
+    if args.export_packed:
+        size = export_packed(qmodel, args.export_packed)
+        print(f"written: {args.export_packed} (deployable, {size / 2**20:.2f} MiB; quantlab.cost.load_packed reads it)")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -309,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--device", default=None, help=DEVICE_HELP)
     qu.add_argument("--out", required=True,
                     help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
+    qu.add_argument("--export-packed", default=None,
+                    help="also write the deployable file (.safetensors: bit-packed weights, bounds, FP parameters)")
     qu.set_defaults(func=cmd_quantize)
 
     ta = sub.add_parser("table", help="a results table in the papers' layout, every cell cached")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import load_model, save_model
+from .checkpoints import CheckpointError, load_model, load_weights_only, save_model
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
@@ -70,9 +70,14 @@ def rng_state(sampler: PatchSampler) -> dict[str, Any]:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A training checkpoint, loaded onto the CPU with ``weights_only=True`` (the saved torch RNG state must
-    come back as a CPU tensor, whatever device the run trains on)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training or DQC checkpoint, loaded weights-only onto the CPU (the saved torch RNG state must come
+    back as a CPU tensor, whatever device the run trains on); an empty, damaged or foreign file is a
+    ValueError naming it."""
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or "torch_rng" not in state:
+        raise CheckpointError(f"{path} is not a quantlab training or DQC checkpoint: delete it to start over, "
+                              "or use another --out")
+    return state
 
 
 def restore_rng_state(saved: dict[str, Any], sampler: PatchSampler) -> None:

@@ -409,6 +409,15 @@ def quantized(folder: Path) -> str:
     return str(folder / "q.pt")
 
 
+def dqc_resume_file(folder: Path) -> Path:
+    """The folder with the tiny model, a training folder and ``q.dqc.pt``, a truncated torch file (an
+    interrupted DQC checkpoint written by something else)."""
+    model_file(folder)
+    training_folder(("a.png", rgb(160, 160)))(folder)
+    cut(torch_file("q.dqc.pt"))(folder)
+    return folder
+
+
 EVAL = ("eval", "--model", model, "--datasets", "Set5", "--limit", "1")
 CLI_CASES = [
     Case("cli-limit-negative", nothing, cli("eval", "--model", "bicubic", "--limit", "-1"), SystemExit,
@@ -472,6 +481,19 @@ CLI_CASES = [
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt does not fit this model"),
     Case("cli-quantized-meta", quantized_file(lambda payload: payload.update(meta="{")),
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is a damaged quantized-model file"),
+    Case("cli-train-checkpoint-empty", lambda f: (f / "run").mkdir() or (f / "run" / "checkpoint.pt").write_bytes(b"")
+         or f, cli("train", "--out", lambda f: str(f / "run"), "--steps", "2"), SystemExit,
+         r"checkpoint\.pt is empty \(0 bytes\)"),
+    Case("cli-train-checkpoint-foreign", lambda f: (f / "run").mkdir() or torch_file("checkpoint.pt")(f / "run") and f,
+         cli("train", "--out", lambda f: str(f / "run"), "--steps", "2"), SystemExit,
+         r"checkpoint\.pt is not a quantlab training or DQC checkpoint: delete it"),
+    Case("cli-dqc-checkpoint-truncated", dqc_resume_file,
+         cli("quantize", "--model", model, "--method", "dqc", "--bits", "4", "--data", lambda f: str(f / "train"),
+             "--out", lambda f: str(f / "q.pt")), SystemExit, r"q\.dqc\.pt is not a readable torch checkpoint"),
+    Case("cli-export-packed-under-file", with_file(None),
+         cli("quantize", "--model", model, "--method", "minmax", "--out", lambda f: str(f / "q.pt"),
+             "--export-packed", lambda f: str(f / "notes.txt" / "q.safetensors")), SystemExit,
+         r"notes\.txt is a file, not a folder"),
     Case("cli-quantized-pickled-code", lambda f: pickled_code(model_file(f)).rename(f / "q.pt") and f,
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a weights-only checkpoint"),
 ]

@@ -132,3 +132,16 @@ def test_json_is_strict_when_a_psnr_is_infinite(monkeypatch, capsys):
     main(["eval", "--model", "bicubic", "--scale", "2", "--datasets", "Set5", "--json"])
     assert json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(c)) == {
         "Set5": {"psnr": None, "ssim": 1.0, "images": 1}}
+
+
+def test_quantize_exports_a_packed_file_that_loads_to_the_same_outputs(tiny_checkpoint, train_folder, tmp_path):
+    import torch
+
+    from quantlab.cost import load_packed
+
+    main(["quantize", "--model", str(tiny_checkpoint), "--method", "dobi", "--bits", "3", "--data", str(train_folder),
+          "--out", str(tmp_path / "q.pt"), "--export-packed", str(tmp_path / "q.safetensors")])
+    qmodel = load_quantized(tmp_path / "q.pt", load_model(tiny_checkpoint))
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "q.safetensors")(x), qmodel(x))
