@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,9 +178,7 @@ def flat(settings: Mapping) -> dict:
     or as ``stage.field`` where two stages share the name (``dqc.batch_size``, ``conditioning.batch_size``)."""
     leaves = [(key, None) for key, v in settings.items() if not isinstance(v, dict)]
     leaves += [(name, key) for key, v in settings.items() if isinstance(v, dict) for name in v]
-    counts = {}
-    for name, _ in leaves:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for name, _ in leaves)
     return {(name if counts[name] == 1 else f"{stage}.{name}"): (settings[stage][name] if stage else settings[name])
             for name, stage in leaves}
 

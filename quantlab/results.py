@@ -69,6 +69,14 @@ class ResultsCache:
             digest = hashlib.sha256(str(Path(train_folder).resolve()).encode()).hexdigest()[:10]
             self.folder = self.folder / f"train-{digest}"
         self._models: dict[str, tuple[nn.Module, str]] = {}
+        self._images: dict[tuple[str, int, int | None], int] = {}
+
+    def images(self, dataset: str, scale: int, limit: int | None) -> int:
+        """How many images a cell of ``dataset`` scores (the set's headers are read once per cache)."""
+        key = (dataset, scale, limit)
+        if key not in self._images:
+            self._images[key] = len(Benchmark(dataset, scale, limit=limit))
+        return self._images[key]
 
     def fp_model(self, source: str | Path) -> tuple[nn.Module, str]:
         """The FP model of ``source`` (embedded name or checkpoint path) and its id, loaded once."""
@@ -121,7 +129,7 @@ class ResultsCache:
         fp, mid = self.fp_model(source)
         config = registry.resolve(method, bits, preset, fp.config.scale, **overrides)
         path = self.cell_path(mid, fp.config.scale, config, dataset, limit)
-        cached = read_cell(path, len(Benchmark(dataset, fp.config.scale, limit=limit))) if path.is_file() else None
+        cached = read_cell(path, self.images(dataset, fp.config.scale, limit)) if path.is_file() else None
         if cached is not None:
             return cached
         entry = registry.get(method)
