@@ -306,8 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--preset", default="quick", choices=methods.PRESETS, help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
-                    help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper) or "
-                    "symmetric everywhere (release); default: paper for dobi, the preset's for the others")
+                    help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper), "
+                    "symmetric everywhere (release) or the paper's Algorithm 1 read literally (algorithm1); "
+                    "default: the preset's (release under --preset release, else paper)")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
@@ -326,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--methods", default=",".join(methods.table_rows("2dquant")),
                     help=f"from {','.join(methods.names())}")
     ta.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
-    ta.add_argument("--preset", default="quick", choices=methods.PRESETS)
+    ta.add_argument("--preset", default="quick", choices=methods.PRESETS,
+                    help="quick, paper (the papers' text) or release (the released code: the published numbers' "
+                    "settings, DOBI symmetric in the DOBI and 2DQuant rows)")
     ta.add_argument("--limit", type=positive_int, default=None, help="first N images of each set")
     ta.add_argument("--data", default=None, help="folder of HR training images for calibration (default <data>/train)")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
