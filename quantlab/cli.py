@@ -221,7 +221,7 @@ def cmd_table(args: argparse.Namespace) -> None:
              args.data, workers=args.workers, scheduler=args.scheduler)
     results = results_grid(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out,
                            args.limit, train_folder=args.data)
-    caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers")
+    caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers", train_folder=args.data)
     paths = save_table(results, args.out, args.name, caption)
     print(to_markdown(paper_layout(results, paper=True), caption))
     print("written: " + ", ".join(str(p) for p in paths.values()))

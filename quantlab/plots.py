@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -195,9 +196,10 @@ def sweep_plot(frame: pd.DataFrame, x: str, y: str | Sequence[str], hue: str | N
     return fig
 
 
-def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
+def plot_gap_to_fp(results: pd.DataFrame, title: str = "") -> Figure:
     """PSNR drop from each model's own FP (dB) per method and bit width, ours (solid) beside the
-    paper's (hollow), one panel per (scale, dataset). ``results``: :func:`quantlab.results.with_paper`."""
+    paper's (hollow), one panel per (scale, dataset). ``results``: :func:`quantlab.results.with_paper`;
+    ``title``: the figure's (:func:`quantlab.results.figure_title` names each row's preset and DOBI mode)."""
     frame = results.copy()
     fp = frame[frame["method"] == "fp"].set_index(["scale", "dataset"])
     keys = list(zip(frame["scale"], frame["dataset"]))
@@ -218,13 +220,24 @@ def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
         ax.set(title=f"x{scale} {dataset}", xlabel="bits (W/A)", ylabel="PSNR - FP (dB)",
                xticks=sorted(panel["bits"].unique()))
     axes[0][0].legend(fontsize=8, title="solid: ours, dashed: paper", title_fontsize=8)
+    return titled(fig, title)
+
+
+TITLE_CHARS_PER_INCH = 18  # characters of 7-pt text per inch of figure width, for wrapping long titles
+
+
+def titled(fig: Figure, title: str) -> Figure:
+    """``fig`` laid out tight under ``title`` in 7-pt type wrapped to the figure's width (none when empty)."""
+    if title:
+        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)), fontsize=7, ha="left",
+                     x=0.01)
     fig.tight_layout()
     return fig
 
 
-def plot_ablation(ablation: pd.DataFrame) -> Figure:
+def plot_ablation(ablation: pd.DataFrame, title: str = "") -> Figure:
     """Horizontal bars of PSNR (dB) per ablation variant, one panel per dataset
-    (:func:`quantlab.results.ablation_grid`)."""
+    (:func:`quantlab.results.ablation_grid`), under ``title`` (as :func:`plot_gap_to_fp`'s)."""
     datasets = list(dict.fromkeys(ablation["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 0.45 * ablation["variant"].nunique() + 1.2),
                              squeeze=False)
@@ -236,8 +249,7 @@ def plot_ablation(ablation: pd.DataFrame) -> Figure:
         ax.invert_yaxis()
         for y, value in enumerate(rows["psnr"]):
             ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
 
 
 def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.ndarray | None = None,
