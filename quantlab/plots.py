@@ -118,9 +118,10 @@ def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None
     return figures
 
 
-def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = None) -> Figure:
+def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = None, title: str = "") -> Figure:
     """2DQuant Fig. 5: lower and upper bound percentile of every quantizer (x: forward order) per method;
-    ``highlight`` (e.g. ``layers.0.blocks.1.mlp.fc2.weight``) is marked and its values written."""
+    ``highlight`` (e.g. ``layers.0.blocks.1.mlp.fc2.weight``) is marked and its values written; ``title``
+    above (e.g. each method's preset and DOBI mode, :func:`quantlab.results.row_setups`)."""
     fig, ax = plt.subplots(figsize=(12, 4))
     palette = dict(zip(percentiles["method"].unique(), sns.color_palette("tab10")))
     for method, group in percentiles.groupby("method", sort=False):
@@ -138,8 +139,7 @@ def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = Non
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.set_title("Bound percentiles (2DQuant Fig. 5)")
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
 
 
 def rank_plot(ranks: pd.DataFrame, normalized: bool = True) -> Figure:
@@ -268,7 +268,4 @@ def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.nda
         ax.set_title(label if np.isinf(value) else f"{label}\n{value:.2f} dB", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)

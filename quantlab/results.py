@@ -409,13 +409,13 @@ def row_setups(results: pd.DataFrame) -> str:
 
 
 def comparability(results: pd.DataFrame) -> str:
-    """The sentence on subsets: which sets were scored on fewer images than published, and that their
-    differences to the papers' whole-set means are not printed (``n/c``); empty when every set is whole."""
+    """The sentence on subsets: which sets were scored on fewer images than published, and that they are not
+    comparable with the papers' whole-set means (tables print ``n/c``); empty when every set is whole."""
     subsets = list(dict.fromkeys(results.loc[results["subset"].astype(bool), "dataset"]))
     if not subsets:
         return ""
-    return (f"{', '.join(subsets)} scored on a subset: not comparable with the papers' whole-set means, "
-            f"so no difference is printed ({NOT_COMPARABLE}).")
+    return (f"{', '.join(subsets)} scored on a subset: not comparable with the papers' whole-set means "
+            f"(tables print {NOT_COMPARABLE} for the difference).")
 
 
 def caption_for(results: pd.DataFrame, title: str, train_folder: str | Path | None = None) -> str:
@@ -429,7 +429,8 @@ def caption_for(results: pd.DataFrame, title: str, train_folder: str | Path | No
     sizes = "; ".join(f"{d}: {n}{f' of {FULL_SIZES[d]}' if is_subset(d, n) else ''} images"
                       for d, n in zip(counted["dataset"], counted["images"]))
     quantized = any(registry.get(m).quantized for m in results["method"])
-    data = f" Calibration and training images: {training_sets(train_folder)}; the papers used DF2K." if quantized else ""
+    data = (f" Calibration and training images: {training_sets(train_folder)}; the papers used DF2K."
+            if quantized else "")
     note = comparability(results)
     return f"{title}. Models: {models}. Rows: {row_setups(results)}.{data} Images: {sizes}.{' ' + note if note else ''}"
 
