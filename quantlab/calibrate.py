@@ -25,7 +25,7 @@ DOBI_SAMPLE = 2**18  # ... of this many randomly drawn elements of each tensor (
 # ``paper``: one-sided for post-softmax/post-GELU, released grid; ``release``: symmetric everywhere, released
 # grid (the released code); ``algorithm1``: one-sided as ``paper``, on the grid of the paper's Algorithm 1.
 DOBI_MODES = ("paper", "release", "algorithm1")
-DEFAULT_DOBI_MODE = "paper"  # the mode of the "dobi" method
+DEFAULT_DOBI_MODE = "paper"  # the DOBI mode of the quick and paper presets (methods.dobi_mode_of)
 DOBI_GRIDS = ("release", "algorithm1")
 
 

@@ -23,6 +23,12 @@ from .swinir import SwinIR, SwinIRConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 EMBEDDED_MODELS = {f"default-x{s}": WEIGHTS_DIR / f"swinir_light_x{s}.safetensors" for s in (2, 3, 4)}
+OFFICIAL_NAME = re.compile(r"002_lightweightSR_DIV2K_s64w8_SwinIR-S_x[234]\.pth")  # the released SwinIR-light files
+WEIGHTS_ORIGINS = {  # what a results caption says of the weights of each origin (:func:`weights_origin`)
+    "embedded": "quantlab's embedded weights, trained here, not the official SwinIR-light weights",
+    "official": "the official SwinIR-light weights, judged by the file name",
+    "checkpoint": "a user checkpoint, not named as the official SwinIR-light weights",
+}
 # Buffers stored in official files; quantlab recomputes them for the actual input size.
 RECOMPUTED_BUFFERS = ("attn_mask", "relative_position_index")
 
@@ -204,6 +210,14 @@ def load_model(source: str | Path, device: str | torch.device | None = "cpu") ->
         path = Path(source)
     model = model_from_state_dict(read_state_dict(path), source=str(path))
     return model.eval().to(pick_device(device))
+
+
+def weights_origin(source: str | Path) -> str:
+    """Where the weights of the model spec ``source`` come from: ``embedded`` (a ``default-x<s>`` name),
+    ``official`` (a file named as the released SwinIR-light checkpoints) or ``checkpoint`` (any other file)."""
+    if str(source) in EMBEDDED_MODELS:
+        return "embedded"
+    return "official" if OFFICIAL_NAME.fullmatch(Path(source).name) else "checkpoint"
 
 
 def as_model(model: torch.nn.Module | str | Path) -> torch.nn.Module:

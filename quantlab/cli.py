@@ -32,6 +32,7 @@ from .train import TrainConfig, Trainer
 
 SCALES = (2, 3, 4)
 BITS = tuple(range(MIN_BITS, MAX_BITS + 1))
+FULL_PRESETS = tuple(p for p in methods.PRESETS if p != "quick")  # what reproduce --full --preset takes
 TEACHERS = {"fp": "original", "conditioned": "conditioned"}  # --teacher -> quantize_with(teacher=...)
 DEVICE_HELP = "cpu, cuda, ... (default: cuda when available)"
 
@@ -221,7 +222,7 @@ def cmd_table(args: argparse.Namespace) -> None:
              args.data, workers=args.workers, scheduler=args.scheduler)
     results = results_grid(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out,
                            args.limit, train_folder=args.data)
-    caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers")
+    caption = caption_for(results, "PSNR (dB) / SSIM on Y, ours beside the paper's numbers", train_folder=args.data)
     paths = save_table(results, args.out, args.name, caption)
     print(to_markdown(paper_layout(results, paper=True), caption))
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -234,13 +235,17 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     only = None if args.only is None else comma_list(args.only)
     if only == []:
         raise ValueError(f"--only names no notebook; give some of {','.join(n.name for n in NOTEBOOKS)} or drop it")
+    if args.preset and not args.full:
+        raise ValueError(f"--preset applies to --full only (--quick runs the quick presets); add --full or drop "
+                         f"--preset {args.preset}")
+    overrides = {"preset": args.preset} if args.preset else None
     figures = args.figures or Path(args.out) / "figures"
     print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {figures}")
     if args.workers or args.scheduler:
-        for grid in table_grids(quick=not args.full, only=only):
+        for grid in table_grids(quick=not args.full, only=only, preset=args.preset):
             fill(**grid, out=args.out, workers=args.workers, scheduler=args.scheduler)
     try:
-        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures)
+        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures, overrides=overrides)
     except NotebookFailed as err:
         print(f"quantlab reproduce: {err}", file=sys.stderr)
         sys.exit(1)
@@ -306,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--preset", default="quick", choices=methods.PRESETS, help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
-                    help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper) or "
-                    "symmetric everywhere (release); default: paper for dobi, the preset's for the others")
+                    help="dobi/2dquant/condiquant: one-sided search for post-softmax/GELU tensors (paper), "
+                    "symmetric everywhere (release) or the paper's Algorithm 1 read literally (algorithm1); "
+                    "default: the preset's (release under --preset release, else paper)")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
@@ -326,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("--methods", default=",".join(methods.table_rows("2dquant")),
                     help=f"from {','.join(methods.names())}")
     ta.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
-    ta.add_argument("--preset", default="quick", choices=methods.PRESETS)
+    ta.add_argument("--preset", default="quick", choices=methods.PRESETS,
+                    help="quick, paper (the papers' text) or release (the released code: the published numbers' "
+                    "settings, DOBI symmetric in the DOBI and 2DQuant rows)")
     ta.add_argument("--limit", type=positive_int, default=None, help="first N images of each set")
     ta.add_argument("--data", default=None, help="folder of HR training images for calibration (default <data>/train)")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
@@ -339,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = re.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="x2, 2 bits, first image of Set5+Set14, quick presets (default)")
     mode.add_argument("--full", action="store_true", help="the papers' grid (hours; resumes through the cache)")
+    re.add_argument("--preset", default=None, choices=FULL_PRESETS,
+                    help="with --full: the presets of every notebook that takes one (default: each notebook's, "
+                    "paper); release is what produced the papers' published tables (README)")
     re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
     re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")
     re.add_argument("--figures", default=None, help="folder for PNG/PDF figures (default <out>/figures; "

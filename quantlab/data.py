@@ -27,7 +27,7 @@ from .metrics import min_scored_size
 
 SCALES = (2, 3, 4)  # the scales of SwinIR-light and of the benchmark LR folders
 BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
-SUBSETS = {"Urban100": 100, "Manga109": 109}  # full sizes, for marking subsets in tables
+FULL_SIZES = {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 100, "Manga109": 109}  # images of each published set
 IMAGE_SUFFIXES = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +126,20 @@ def write_image_atomic(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
+def is_subset(dataset: str, images: int) -> bool:
+    """True when ``images`` scored images are fewer than the published ``dataset`` holds (a ``--limit`` or a
+    partial copy): its mean is then not comparable with the papers' whole-set means."""
+    return images < FULL_SIZES.get(dataset, 0)
+
+
+def training_sets(folder: str | Path | None = None) -> str:
+    """What the calibration and bound-training images are: the sub-folders of ``folder`` (default
+    ``<data>/train``) and the image count, e.g. ``T91+BSD200 (291 images)``."""
+    folder = Path(folder) if folder else data_root() / "train"
+    parts = sorted(p.name for p in folder.iterdir() if p.is_dir() and list_images(p)) if folder.is_dir() else []
+    return f"{'+'.join(parts) or folder.name} ({len(list_images(folder)) if folder.is_dir() else 0} images)"
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder``, sorted; hidden files (such as macOS's ``._name.png``) are skipped."""
     return sorted(p for p in folder.rglob("*")
@@ -210,7 +224,7 @@ class Benchmark:
 
     @property
     def is_subset(self) -> bool:
-        return len(self) < SUBSETS.get(self.name, 0)
+        return is_subset(self.name, len(self))
 
     def lr_path(self, hr_path: Path) -> Path | None:
         folder = self.folder / "LR_bicubic" / f"X{self.scale}"

@@ -66,6 +66,16 @@ class MethodConfig:
         text = json.dumps({"method": self.method, "bits": self.bits, "settings": self.settings}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def describe(self) -> str:
+        """This config's setup as a results caption names it: the preset (with any overrides, as ``tag``) of a
+        tuned method and the DOBI mode of one that runs DOBI, e.g. ``preset release, DOBI release``,
+        ``DOBI paper``; ``calibration only`` (no preset, no DOBI); ``not quantized`` (FP and upscalers)."""
+        if not get(self.method).quantized:
+            return "not quantized"
+        parts = [f"preset {self.tag}"] if self.preset else ([self.tag] if self.tag != "-" else [])
+        parts += [f"DOBI {self.settings['dobi_mode']}"] if "dobi_mode" in self.settings else []
+        return ", ".join(parts) or "calibration only"
+
     def manifest(self) -> dict:
         """What made a cached entry: method, label, bits, preset, tag, settings, key."""
         return {"method": self.method, "label": get(self.method).label, "bits": self.bits, "preset": self.preset,
@@ -133,6 +143,7 @@ class Method:
     tables: tuple[str, ...] = ()  # the papers' results tables with this row: "2dquant", "condiquant"
     paper_label: str | None = None  # the papers' row it is compared with (None: ``label``)
     compared: bool = True  # False: no published row computes the same thing
+    note: str = ""  # a substitution every results caption with this row states (no final period)
 
     def structure(self, qmodel: nn.Module, config: MethodConfig) -> nn.Module:
         """``qmodel`` (a fresh :func:`quantize` copy) with this method's module structure (``prepare``: e.g.
@@ -289,7 +300,8 @@ def pac_settings(preset: str, bits: int, scale: int | None) -> dict:
 
 
 def dobi_mode_of(preset: str) -> str:
-    """The DOBI mode that goes with ``preset``'s DQC (2DQuant's stage 1)."""
+    """The DOBI mode that goes with ``preset``'s DQC: the DOBI row's and 2DQuant's stage 1 (``release``:
+    symmetric everywhere as released, else :data:`calibrate.DEFAULT_DOBI_MODE`)."""
     return DQC_PRESETS[preset].dobi_mode if preset in DQC_PRESETS else calibrate.DEFAULT_DOBI_MODE
 
 
@@ -438,7 +450,8 @@ register(Method("percentile", "Percentile", "Li et al., Fully quantized network 
                 settings=lambda preset, bits, scale: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
 register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
                 "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
-                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant")))
+                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant"),
+                note="DBDC+Pac quantizes 2DQuant's 384 tensors: no released code says which tensors it quantizes on SwinIR-light"))
 register(Method("ptq4vit", "PTQ4ViT", PTQ4VIT, run_ptq4vit, settings=ptq4vit_settings, tuned=True,
                 choices={"softmax_twin": ptq4vit.SOFTMAX_TWINS, "split_v": ptq4vit.SPLIT_V,
                          "matmul_granularity": ptq4vit.GRANULARITIES},
@@ -450,7 +463,7 @@ register(Method("noisyquant", "NoisyQuant", "Liu et al., NoisyQuant: Noisy Bias-
                 settings=lambda preset, bits, scale: noisyquant.settings_of(preset), tuned=True, prepare=noisyquant.prepare,
                 choices=noisyquant.CHOICES, tables=("condiquant",)))
 register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
-                settings=lambda preset, bits, scale: {"dobi_mode": calibrate.DEFAULT_DOBI_MODE},
+                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset)},
                 choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
 register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
                 settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -117,9 +118,10 @@ def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None
     return figures
 
 
-def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = None) -> Figure:
+def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = None, title: str = "") -> Figure:
     """2DQuant Fig. 5: lower and upper bound percentile of every quantizer (x: forward order) per method;
-    ``highlight`` (e.g. ``layers.0.blocks.1.mlp.fc2.weight``) is marked and its values written."""
+    ``highlight`` (e.g. ``layers.0.blocks.1.mlp.fc2.weight``) is marked and its values written; ``title``
+    above (e.g. each method's preset and DOBI mode, :func:`quantlab.results.row_setups`)."""
     fig, ax = plt.subplots(figsize=(12, 4))
     palette = dict(zip(percentiles["method"].unique(), sns.color_palette("tab10")))
     for method, group in percentiles.groupby("method", sort=False):
@@ -137,8 +139,7 @@ def bound_percentile_plot(percentiles: pd.DataFrame, highlight: str | None = Non
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     ax.set_title("Bound percentiles (2DQuant Fig. 5)")
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
 
 
 def rank_plot(ranks: pd.DataFrame, normalized: bool = True) -> Figure:
@@ -195,9 +196,10 @@ def sweep_plot(frame: pd.DataFrame, x: str, y: str | Sequence[str], hue: str | N
     return fig
 
 
-def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
+def plot_gap_to_fp(results: pd.DataFrame, title: str = "") -> Figure:
     """PSNR drop from each model's own FP (dB) per method and bit width, ours (solid) beside the
-    paper's (hollow), one panel per (scale, dataset). ``results``: :func:`quantlab.results.with_paper`."""
+    paper's (hollow), one panel per (scale, dataset). ``results``: :func:`quantlab.results.with_paper`;
+    ``title``: the figure's (:func:`quantlab.results.figure_title` names each row's preset and DOBI mode)."""
     frame = results.copy()
     fp = frame[frame["method"] == "fp"].set_index(["scale", "dataset"])
     keys = list(zip(frame["scale"], frame["dataset"]))
@@ -218,13 +220,24 @@ def plot_gap_to_fp(results: pd.DataFrame) -> Figure:
         ax.set(title=f"x{scale} {dataset}", xlabel="bits (W/A)", ylabel="PSNR - FP (dB)",
                xticks=sorted(panel["bits"].unique()))
     axes[0][0].legend(fontsize=8, title="solid: ours, dashed: paper", title_fontsize=8)
+    return titled(fig, title)
+
+
+TITLE_CHARS_PER_INCH = 18  # characters of 7-pt text per inch of figure width, for wrapping long titles
+
+
+def titled(fig: Figure, title: str) -> Figure:
+    """``fig`` laid out tight under ``title`` in 7-pt type wrapped to the figure's width (none when empty)."""
+    if title:
+        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)), fontsize=7, ha="left",
+                     x=0.01)
     fig.tight_layout()
     return fig
 
 
-def plot_ablation(ablation: pd.DataFrame) -> Figure:
+def plot_ablation(ablation: pd.DataFrame, title: str = "") -> Figure:
     """Horizontal bars of PSNR (dB) per ablation variant, one panel per dataset
-    (:func:`quantlab.results.ablation_grid`)."""
+    (:func:`quantlab.results.ablation_grid`), under ``title`` (as :func:`plot_gap_to_fp`'s)."""
     datasets = list(dict.fromkeys(ablation["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 0.45 * ablation["variant"].nunique() + 1.2),
                              squeeze=False)
@@ -236,8 +249,7 @@ def plot_ablation(ablation: pd.DataFrame) -> Figure:
         ax.invert_yaxis()
         for y, value in enumerate(rows["psnr"]):
             ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)
 
 
 def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.ndarray | None = None,
@@ -256,7 +268,4 @@ def plot_crops(crops: Mapping[str, tuple[np.ndarray, float]], full_image: np.nda
         ax.set_title(label if np.isinf(value) else f"{label}\n{value:.2f} dB", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return titled(fig, title)

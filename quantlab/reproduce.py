@@ -71,16 +71,17 @@ NOTEBOOKS: tuple[Notebook, ...] = (
 )
 
 
-def table_grids(quick: bool = True, only: Iterable[str] | None = None) -> list[dict]:
+def table_grids(quick: bool = True, only: Iterable[str] | None = None, preset: str | None = None) -> list[dict]:
     """The results grids the chosen table notebooks compute, as keyword arguments of
     :func:`quantlab.grid.fill` / :func:`quantlab.results.results_grid` (models, bits, methods, datasets,
-    preset, limit): filled first on a cluster, they make the notebooks read every number from the cache."""
+    preset (``preset`` when given, else the notebook's), limit): filled first on a cluster, they make the
+    notebooks read every number from the cache."""
     grids = []
     for notebook in select(only):
         if notebook.table:
             p = notebook.quick if quick else notebook.full
             grids.append({"models": [DEFAULT_MODEL.replace("{scale}", str(s)) for s in p["scales"]], "bits": p["bits"],
-                          "methods": table_rows(notebook.table), "datasets": p["datasets"], "preset": p["preset"],
+                          "methods": table_rows(notebook.table), "datasets": p["datasets"], "preset": preset or p["preset"],
                           "limit": p.get("limit")})
     return grids
 

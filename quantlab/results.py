@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import methods as registry
-from .checkpoints import load_model
-from .data import Benchmark
+from .checkpoints import WEIGHTS_ORIGINS, load_model, weights_origin
+from .data import FULL_SIZES, Benchmark, is_subset, training_sets
 from .evaluation import evaluate, per_image
 from .files import atomic_path
 from .methods import FP_BITS, MethodConfig
@@ -86,6 +86,11 @@ class ResultsCache:
             self._models[key] = model, model_id(source, model)
         return self._models[key]
 
+    def config(self, source: str | Path, method: str, bits: int, preset: str = "quick", **overrides) -> MethodConfig:
+        """The resolved config of ``method`` at ``bits`` under ``preset`` and ``overrides`` for ``source``'s model
+        (its scale decides the scale-dependent settings)."""
+        return registry.resolve(method, bits, preset, self.fp_model(source)[0].config.scale, **overrides)
+
     def quantized_path(self, mid: str, config: MethodConfig) -> Path:
         """``quantized/<model id>__<method>__<config key>__<bits>bit.pt`` (its manifest beside, ``.json``)."""
         return self.folder / "quantized" / f"{mid}__{config.method}__{config.key()}__{config.bits}bit.pt"
@@ -103,7 +108,7 @@ class ResultsCache:
         under the key of the resolved config, so spelled-out defaults hit the same file. A method with a stage
         1 (``2dquant`` from DOBI, ``dqc`` from MinMax) starts from that cached model, made first if missing."""
         fp, mid = self.fp_model(source)
-        config = registry.resolve(method, bits, preset, fp.config.scale, **overrides)
+        config = self.config(source, method, bits, preset, **overrides)
         path = self.quantized_path(mid, config)
         if path.is_file():
             try:
@@ -127,7 +132,7 @@ class ResultsCache:
                limit: int | None = None, progress: bool = True, **overrides) -> pd.DataFrame:
         """Per-image PSNR/SSIM of one cell (computed once, then read from its CSV)."""
         fp, mid = self.fp_model(source)
-        config = registry.resolve(method, bits, preset, fp.config.scale, **overrides)
+        config = self.config(source, method, bits, preset, **overrides)
         path = self.cell_path(mid, fp.config.scale, config, dataset, limit)
         cached = read_cell(path, self.images(dataset, fp.config.scale, limit)) if path.is_file() else None
         if cached is not None:
@@ -140,6 +145,14 @@ class ResultsCache:
         write_csv_atomic(frame, path)
         self.write_manifest(path, mid, config, dataset=dataset, limit=limit)
         return frame
+
+    def labelled_scores(self, source: str | Path, method: str, bits: int, dataset: str, preset: str = "quick",
+                        limit: int | None = None, **overrides) -> pd.DataFrame:
+        """:meth:`scores` with what a caption names, from the resolved config and the model spec: ``preset``
+        (the config's tag), ``settings`` (:meth:`MethodConfig.describe`) and ``weights`` (:func:`weights_origin`)."""
+        config = self.config(source, method, bits, preset, **overrides)
+        frame = self.scores(source, method, bits, dataset, preset, limit, progress=False, **overrides)
+        return frame.assign(preset=config.tag, settings=config.describe(), weights=weights_origin(source))
 
 
 def read_cell(path: Path, images: int) -> pd.DataFrame | None:
@@ -164,36 +177,43 @@ def results_grid(models: Iterable[str | Path], bits: Iterable[int], methods: Ite
                  datasets: Iterable[str], preset: str = "quick", out: str | Path = "results",
                  limit: int | None = None, progress: bool = True,
                  train_folder: str | Path | None = None) -> pd.DataFrame:
-    """Tidy means, one row per (scale, method, bits, dataset): columns model, scale, method,
-    bits, preset, dataset, subset, images, psnr (dB), ssim. FP and Bicubic rows once per model
-    (bits 32). Every cell goes through the :class:`ResultsCache` in ``out``."""
+    """Tidy means, one row per (scale, method, bits, dataset): columns model, weights, scale, method,
+    bits, preset, settings, dataset, subset, images, psnr (dB), ssim (see :meth:`ResultsCache.labelled_scores`;
+    ``subset``: fewer images than the published set). FP and Bicubic rows once per model (bits 32).
+    Every cell goes through the :class:`ResultsCache` in ``out``."""
     cache = ResultsCache(out, train_folder)
     bits, methods, datasets = list(bits), list(methods), list(datasets)
     for method in methods:
         registry.get(method)
     jobs = [(source, method, b, dataset) for source in models for method in methods
             for b in (bits if registry.get(method).quantized else [FP_BITS]) for dataset in datasets]
-    frames = [cache.scores(source, method, b, dataset, preset, limit, progress=False)
+    frames = [cache.labelled_scores(source, method, b, dataset, preset, limit)
               for source, method, b, dataset in tqdm(jobs, desc="results", disable=not progress)]
     scores = pd.concat(frames, ignore_index=True)
-    keys = ["model", "scale", "method", "bits", "preset", "dataset", "subset"]
-    return (scores.groupby(keys, sort=False)
-            .agg(images=("image", "count"), psnr=("psnr", "mean"), ssim=("ssim", "mean")).reset_index())
+    keys = ["model", "weights", "scale", "method", "bits", "preset", "settings", "dataset"]
+    means = (scores.groupby(keys, sort=False)
+             .agg(images=("image", "count"), psnr=("psnr", "mean"), ssim=("ssim", "mean")).reset_index())
+    means.insert(len(keys), "subset", [is_subset(d, n) for d, n in zip(means["dataset"], means["images"])])
+    return means
 
 
 def ablation_grid(source: str | Path, bits: int, datasets: Iterable[str], variants: Mapping[str, tuple[str, dict]],
                   preset: str = "quick", out: str | Path = "results", limit: int | None = None,
                   progress: bool = True, train_folder: str | Path | None = None) -> pd.DataFrame:
     """2DQuant Table 4 style: ``variants`` maps a row label to (method, preset overrides), e.g.
-    ``{"lr 1e-3": ("2dquant", {"lr": 1e-3})}``. One row per (variant, dataset): variant, method,
-    bits, dataset, images, psnr (dB), ssim; cells cached like :func:`results_grid`."""
+    ``{"lr 1e-3": ("2dquant", {"lr": 1e-3})}``. One row per (variant, dataset): variant, model, weights,
+    method, bits, preset, settings, dataset, subset, images, psnr (dB), ssim (as :func:`results_grid`'s);
+    cells cached like :func:`results_grid`."""
     cache = ResultsCache(out, train_folder)
     rows = []
     jobs = [(label, method, overrides, d) for label, (method, overrides) in variants.items() for d in datasets]
     for label, method, overrides, dataset in tqdm(jobs, desc="ablation", disable=not progress):
-        frame = cache.scores(source, method, bits, dataset, preset, limit, progress=False, **overrides)
-        rows.append({"variant": label, "method": method, "bits": bits, "dataset": dataset, "images": len(frame),
-                     "psnr": frame["psnr"].mean(), "ssim": frame["ssim"].mean()})
+        frame = cache.labelled_scores(source, method, bits, dataset, preset, limit, **overrides)
+        first = frame.iloc[0]
+        rows.append({"variant": label, "model": first["model"], "weights": first["weights"], "method": method,
+                     "bits": bits, "preset": first["preset"], "settings": first["settings"], "dataset": dataset,
+                     "subset": is_subset(dataset, len(frame)), "images": len(frame), "psnr": frame["psnr"].mean(),
+                     "ssim": frame["ssim"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -206,14 +226,18 @@ def paper_results(table: str | None = None) -> pd.DataFrame:
 
 def with_paper(results: pd.DataFrame, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     """``results`` plus the paper's numbers for the same (scale, method, bits, dataset) and our
-    difference: columns paper_psnr, paper_ssim, delta_psnr (ours - paper, dB), delta_ssim."""
+    difference: columns paper_psnr, paper_ssim, comparable, delta_psnr (ours - paper, dB), delta_ssim.
+    A cell scored on a subset (``subset``: a ``limit`` or a partial set) is not comparable with the
+    paper's whole-set mean: its deltas are NaN."""
     paper = paper_results() if paper is None else paper
     paper = (paper.drop(columns="table").drop_duplicates(CELL)
              .rename(columns={"method": "label", "psnr": "paper_psnr", "ssim": "paper_ssim"}))
     merged = results.assign(label=results["method"].map(registry.paper_labels())).merge(
         paper, on=["scale", "label", "bits", "dataset"], how="left")
-    return merged.drop(columns="label").assign(delta_psnr=lambda f: f["psnr"] - f["paper_psnr"],
-                                               delta_ssim=lambda f: f["ssim"] - f["paper_ssim"])
+    comparable = merged["paper_psnr"].notna() & ~merged["subset"].astype(bool)
+    return merged.drop(columns="label").assign(comparable=comparable,
+                                               delta_psnr=(merged["psnr"] - merged["paper_psnr"]).where(comparable),
+                                               delta_ssim=(merged["ssim"] - merged["paper_ssim"]).where(comparable))
 
 
 def method_gain(results: pd.DataFrame, method: str, baseline: str) -> pd.DataFrame:
@@ -271,7 +295,8 @@ def paper_only_rows(results: pd.DataFrame, methods: Iterable[str] = PAPER_ONLY) 
 def paper_layout(results: pd.DataFrame, paper: bool = False, paper_only: Iterable[str] = ()) -> pd.DataFrame:
     """The papers' Table 3 layout: rows (scale, method label, bits) with FP and Bicubic first and
     then each bit width (high to low) in the order of ``results``; columns (dataset, PSNR/SSIM).
-    With ``paper``, also (dataset, "paper PSNR") and (dataset, "delta PSNR") columns, and the rows of
+    With ``paper``, also (dataset, "paper PSNR") and (dataset, "delta PSNR") columns (NaN where not
+    comparable, :func:`with_paper`; printed ``n/c`` beside a paper number), and the rows of
     the ``paper_only`` methods (:func:`paper_only_rows`, before 2DQuant as in CondiQuant Table 3)
     holding only the paper's PSNR. Refuses two rows of one cell (:func:`check_one_row_per_cell`)."""
     check_one_row_per_cell(results)
@@ -311,6 +336,9 @@ def best_per_column(table: pd.DataFrame) -> pd.DataFrame:
     return mask
 
 
+NOT_COMPARABLE = "n/c"  # a delta cell whose score is of a subset, printed beside the paper's whole-set mean
+
+
 def _formatted(table: pd.DataFrame, bold: str) -> pd.DataFrame:
     mask = best_per_column(table)
     digits = {"PSNR": 2, "SSIM": 4, "paper PSNR": 2, "delta PSNR": 2}
@@ -318,8 +346,11 @@ def _formatted(table: pd.DataFrame, bold: str) -> pd.DataFrame:
     for column in table.columns:
         for row in table.index:
             value = table.at[row, column]
-            text = "" if pd.isna(value) else (f"{value:+.2f}" if column[1] == "delta PSNR"
-                                              else f"{value:.{digits[column[1]]}f}")
+            if pd.isna(value):
+                published = column[1] == "delta PSNR" and pd.notna(table.at[row, (column[0], "paper PSNR")])
+                text = NOT_COMPARABLE if published and pd.notna(table.at[row, (column[0], "PSNR")]) else ""
+            else:
+                text = f"{value:+.2f}" if column[1] == "delta PSNR" else f"{value:.{digits[column[1]]}f}"
             out.at[row, column] = bold.format(text) if mask.at[row, column] and text else text
     return out
 
@@ -362,12 +393,49 @@ def save_table(results: pd.DataFrame, out: str | Path, name: str, caption: str =
     return paths
 
 
-def caption_for(results: pd.DataFrame, title: str) -> str:
-    """A caption naming the models (id = name + weights hash), the preset and any image subsets."""
-    models = ", ".join(dict.fromkeys(results["model"]))
-    subsets = results[results["subset"].astype(bool)].drop_duplicates("dataset")
+def row_setups(results: pd.DataFrame) -> str:
+    """Each row's preset and DOBI mode, rows of one setup together in table order, e.g. ``MinMax: calibration
+    only; DOBI: DOBI release; 2DQuant: preset release, DOBI release``: the ``settings`` column
+    (:meth:`MethodConfig.describe`), rows named by ``variant`` when given, else by the method's label, and
+    the registry's note of a method (e.g. DBDC+Pac's placement)."""
+    labels = registry.labels()
+    names = results["variant"] if "variant" in results else results["method"].map(lambda m: labels.get(m, m))
+    groups: dict[str, list[str]] = {}
+    for name, setup in dict.fromkeys(zip(names, results["settings"])):
+        groups.setdefault(setup, []).append(name)
+    notes = [registry.get(m).note for m in dict.fromkeys(results["method"]) if registry.get(m).note]
+    return "; ".join(f"{', '.join(names)}: {setup}" for setup, names in groups.items()) + "".join(
+        f". {note}" for note in notes)
+
+
+def comparability(results: pd.DataFrame) -> str:
+    """The sentence on subsets: which sets were scored on fewer images than published, and that they are not
+    comparable with the papers' whole-set means (tables print ``n/c``); empty when every set is whole."""
+    subsets = list(dict.fromkeys(results.loc[results["subset"].astype(bool), "dataset"]))
+    if not subsets:
+        return ""
+    return (f"{', '.join(subsets)} scored on a subset: not comparable with the papers' whole-set means "
+            f"(tables print {NOT_COMPARABLE} for the difference).")
+
+
+def caption_for(results: pd.DataFrame, title: str, train_folder: str | Path | None = None) -> str:
+    """A caption naming what made the numbers and every substitution: the models (id = name + weights hash)
+    and where their weights come from, each row's preset and DOBI mode (:func:`row_setups`), the calibration
+    and training images (``train_folder``, default ``<data>/train``; the papers used DF2K), the images
+    scored per set and the subsets whose deltas are not comparable (:func:`comparability`)."""
+    models = "; ".join(f"{model} ({WEIGHTS_ORIGINS[origin]})"
+                       for model, origin in dict.fromkeys(zip(results["model"], results["weights"])))
     counted = results.drop_duplicates("dataset")
-    sizes = "; ".join(f"{d}: {n} images" for d, n in zip(counted["dataset"], counted["images"]))
-    note = " Subsets: " + ", ".join(subsets["dataset"]) + "." if len(subsets) else ""
-    presets = ", ".join(p for p in dict.fromkeys(results["preset"]) if p != "-") or "-"
-    return f"{title}. Models: {models}. Preset: {presets}. Images: {sizes}.{note}"
+    sizes = "; ".join(f"{d}: {n}{f' of {FULL_SIZES[d]}' if is_subset(d, n) else ''} images"
+                      for d, n in zip(counted["dataset"], counted["images"]))
+    quantized = any(registry.get(m).quantized for m in results["method"])
+    data = (f" Calibration and training images: {training_sets(train_folder)}; the papers used DF2K."
+            if quantized else "")
+    note = comparability(results)
+    return f"{title}. Models: {models}. Rows: {row_setups(results)}.{data} Images: {sizes}.{' ' + note if note else ''}"
+
+
+def figure_title(results: pd.DataFrame, title: str) -> str:
+    """A figure's title: ``title``, each row's preset and DOBI mode (:func:`row_setups`) and the subset note."""
+    note = comparability(results)
+    return f"{title}. {row_setups(results)}.{' ' + note if note else ''}"

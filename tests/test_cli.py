@@ -145,3 +145,22 @@ def test_quantize_exports_a_packed_file_that_loads_to_the_same_outputs(tiny_chec
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(load_packed(tmp_path / "q.safetensors")(x), qmodel(x))
+
+
+def test_reproduce_full_passes_its_preset_to_the_notebooks_and_the_grids(monkeypatch, tmp_path, capsys):
+    calls, fills = [], []
+    monkeypatch.setattr(cli, "reproduce", lambda **kwargs: calls.append(kwargs) or [])
+    monkeypatch.setattr(cli, "fill", lambda **kwargs: fills.append(kwargs))
+    main(["reproduce", "--full", "--preset", "release", "--only", "table_2dquant", "--out", str(tmp_path),
+          "--workers", "2"])
+    assert calls[0]["overrides"] == {"preset": "release"} and not calls[0]["quick"]
+    assert [f["preset"] for f in fills] == ["release"] and fills[0]["methods"][-2:] == ["dobi", "2dquant"]
+    main(["reproduce", "--full", "--only", "table_2dquant", "--out", str(tmp_path)])
+    assert calls[1]["overrides"] is None  # each notebook's own full preset (paper)
+    assert cli.table_grids(quick=False, only=["table_2dquant"])[0]["preset"] == "paper"
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--preset", "release", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--preset applies to --full only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--full", "--preset", "quick"])
+    assert "invalid choice: 'quick'" in capsys.readouterr().err

@@ -75,6 +75,7 @@ def test_shared_benchmarks_have_expected_sizes():
     counts = {name: len(Benchmark(name, 4)) for name in ("Set5", "Set14", "B100", "Urban100", "Manga109")}
     assert counts == {"Set5": 5, "Set14": 14, "B100": 100, "Urban100": 22, "Manga109": 22}
     assert Benchmark("Urban100", 4).is_subset and not Benchmark("Set14", 4).is_subset
+    assert Benchmark("Set5", 4, limit=1).is_subset and not Benchmark("Set5", 4, limit=5).is_subset  # quick mode
 
 
 def test_dihedral_covers_eight_distinct_transforms():

@@ -151,3 +151,12 @@ def test_an_interrupted_table_run_computes_only_the_missing_cells(reference, tin
     assert summary["reused"] == reused and summary["computed"] == len(tasks)
     pd.testing.assert_frame_equal(scores(results_grid([tiny_checkpoint], out=out, train_folder=train_folder,
                                                       progress=False, **GRID)), reference)
+
+
+def test_a_release_grid_calibrates_one_dobi_for_its_dobi_row_and_2dquants_stage1(tiny_checkpoint, train_folder,
+                                                                                 tmp_path):
+    """Under ``release`` the DOBI row runs release mode, the stage 1 of that table's 2DQuant row: one task."""
+    for preset in ("release", "paper"):
+        tasks, _ = grid.plan([tiny_checkpoint], [4], ["dobi", "2dquant"], ["Set5"], preset=preset, out=tmp_path,
+                             limit=1, train_folder=train_folder)
+        assert [(t.kind, t.method) for t in tasks].count(("calibrate", "dobi")) == 1, preset

@@ -68,6 +68,23 @@ def test_stage1_of_distilled_methods():
     assert methods.stage1_request(methods.resolve("dobi", 4)) is None
 
 
+@pytest.mark.parametrize("preset, mode", [("quick", "paper"), ("paper", "paper"), ("release", "release")])
+def test_a_tables_dobi_row_is_the_stage1_of_its_2dquant_row(preset, mode):
+    """Under each preset the DOBI row is the same cell as the DOBI that 2DQuant starts from (CondiQuant's mode too):
+    release mode (symmetric everywhere, as released) in a release table, paper mode otherwise."""
+    dobi = methods.resolve("dobi", 4, preset, 2)
+    stage1, overrides = methods.stage1_request(methods.resolve("2dquant", 4, preset, 2))
+    assert methods.resolve(stage1, 4, preset, 2, **overrides).key() == dobi.key()
+    assert methods.resolve("condiquant", 4, preset, 2).settings["dobi_mode"] == mode  # its DOBI, on conditioned weights
+    assert dobi.settings == {"dobi_mode": mode} and dobi.describe() == f"DOBI {mode}"
+    assert methods.resolve("2dquant", 4, preset).describe() == f"preset {preset}, DOBI {mode}"
+    assert methods.resolve("dqc", 4, preset).describe() == f"preset {preset}"  # its stage 1 is MinMax, no DOBI
+    assert methods.resolve("minmax", 4, preset).describe() == "calibration only"
+    assert methods.resolve("fp", 4, preset).describe() == "not quantized"
+    assert methods.resolve("dobi", 4, preset, dobi_mode="algorithm1").describe() == (
+        "DOBI algorithm1" if mode == "algorithm1" else "dobi_mode=algorithm1, DOBI algorithm1")
+
+
 def test_taking_lists_the_methods_with_a_setting():
     assert methods.taking("dobi_mode") == ["dobi", "2dquant", "condiquant"]
     assert methods.taking("teacher") == ["condiquant"]

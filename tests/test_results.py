@@ -3,15 +3,19 @@ import pandas as pd
 import pytest
 import torch
 
-from quantlab import results
+from quantlab import methods, results
 from quantlab.cli import main
 from quantlab.results import (ResultsCache, best_per_column, caption_for, method_gain, paper_layout,
                               paper_results, results_grid, save_table, with_paper)
 
 
-def tidy(rows):
+def tidy(rows, preset="quick", images=5):
+    """A results_grid-like frame of (method, bits, dataset, psnr, ssim) rows at x2, each row's preset and
+    settings resolved as results_grid resolves them."""
     frame = pd.DataFrame(rows, columns=["method", "bits", "dataset", "psnr", "ssim"])
-    return frame.assign(model="m-0", scale=2, preset="quick", subset=False, images=5)
+    configs = [methods.resolve(m, b, preset, 2) for m, b in zip(frame["method"], frame["bits"])]
+    return frame.assign(model="m-0", weights="embedded", scale=2, preset=[c.tag for c in configs],
+                        settings=[c.describe() for c in configs], subset=images < 5, images=images)
 
 
 RESULTS = tidy([("fp", 32, "Set5", 36.0, 0.95), ("bicubic", 32, "Set5", 33.7, 0.93),
@@ -93,6 +97,8 @@ def test_table_cli(tiny_checkpoint, tmp_path, monkeypatch, capsys):
           "--limit", "1", "--out", str(tmp_path), "--name", "t"])
     out = capsys.readouterr().out
     assert "| x2 | MinMax | 4 |" in out and (tmp_path / "t.tex").is_file()
+    assert "Rows: FP: not quantized; MinMax: calibration only." in out and "the papers used DF2K" in out
+    assert "| n/c |" in out and "Set5: 1 of 5 images" in out  # one image is no match for the paper's set mean
 
 
 def test_paper_layout_refuses_two_models_of_one_scale():
@@ -164,3 +170,75 @@ def test_a_damaged_cached_cell_is_recomputed_with_a_warning(damage, tiny_checkpo
         again = cache.scores(tiny_checkpoint, "fp", 4, "Set5", limit=2, progress=False)
     pd.testing.assert_frame_equal(first, again)
     assert cell.read_text() == text
+
+
+def test_a_subset_cell_prints_no_delta_against_the_papers_whole_set_mean():
+    whole, one = with_paper(RESULTS), with_paper(tidy(RESULTS[["method", "bits", "dataset", "psnr", "ssim"]]
+                                                       .itertuples(index=False), images=1))
+    published = whole["paper_psnr"].notna()  # all but "Bicubic (MATLAB)", which no published row computes
+    assert published.sum() == 5 and (whole["comparable"] == published).all()
+    assert (whole["delta_psnr"].notna() == published).all()
+    assert not one["comparable"].any() and one["delta_psnr"].isna().all() and one["delta_ssim"].isna().all()
+    pd.testing.assert_series_equal(one["paper_psnr"], whole["paper_psnr"])  # the paper's number is still shown
+    markdown = results.to_markdown(paper_layout(tidy([("fp", 32, "Set5", 36.0, 0.95)], images=1), paper=True))
+    assert "| x2 | FP | 32 | 36.00 | 0.9500 | 38.15 | n/c |" in markdown
+    assert "-2.15" in results.to_markdown(paper_layout(tidy([("fp", 32, "Set5", 36.0, 0.95)]), paper=True))
+    caption = caption_for(tidy([("fp", 32, "Set5", 36.0, 0.95)], images=1), "T")
+    assert "Set5: 1 of 5 images" in caption and "Set5 scored on a subset" in caption
+    assert "(tables print n/c for the difference)" in caption
+    assert "subset" not in caption_for(RESULTS, "T")
+
+
+@pytest.mark.parametrize("preset", ["quick", "paper", "release"])
+def test_the_caption_names_each_rows_preset_and_dobi_mode_from_the_resolved_configs(preset, train_folder):
+    grid = tidy([("fp", 32, "Set5", 36.0, 0.95), ("bilinear", 32, "Set5", 32.0, 0.9),
+                 ("minmax", 4, "Set5", 34.0, 0.90), ("dbdc_pac", 4, "Set5", 35.0, 0.92),
+                 ("dobi", 4, "Set5", 35.0, 0.94), ("2dquant", 4, "Set5", 36.0, 0.95)], preset=preset)
+    mode = "release" if preset == "release" else "paper"
+    caption = caption_for(grid, "T", train_folder=train_folder)
+    assert (f"Rows: FP, Bilinear (papers' Bicubic): not quantized; MinMax: calibration only; DBDC+Pac: preset "
+            f"{preset}; DOBI: DOBI {mode}; 2DQuant: preset {preset}, DOBI {mode}. DBDC+Pac quantizes 2DQuant's "
+            "384 tensors") in caption
+    assert f"Calibration and training images: {train_folder.name} (3 images); the papers used DF2K." in caption
+    assert "m-0 (quantlab's embedded weights, trained here, not the official SwinIR-light weights)" in caption
+    assert results.figure_title(grid, "F").startswith("F. FP, Bilinear (papers' Bicubic): not quantized; MinMax")
+    dqc_rows = tidy([("2dquant", 4, "Set5", 36.0, 0.95)], preset=preset).assign(
+        settings=methods.resolve("2dquant", 4, preset, 2, dobi_mode="algorithm1").describe())
+    assert f"2DQuant: preset {preset}-dobi_mode=algorithm1, DOBI algorithm1." in caption_for(dqc_rows, "T")
+
+
+def test_grids_label_rows_with_their_resolved_settings_and_weights(tiny_checkpoint, train_folder, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "imgcache"))
+    grid = results_grid([tiny_checkpoint], [4], ["fp", "dobi"], ["Set5"], preset="release", out=tmp_path, limit=1,
+                        progress=False, train_folder=train_folder)
+    assert grid["settings"].tolist() == ["not quantized", "DOBI release"]
+    assert set(grid["weights"]) == {"checkpoint"} and grid["subset"].all()
+    caption = caption_for(grid, "T", train_folder=train_folder)
+    assert "a user checkpoint, not named as the official SwinIR-light weights" in caption
+    assert "DOBI: DOBI release" in caption
+    variants = {"DOBI only": ("dobi", {}), "DOBI alg. 1": ("dobi", {"dobi_mode": "algorithm1"})}
+    ablation = results.ablation_grid(tiny_checkpoint, 4, ["Set5"], variants, preset="release", out=tmp_path,
+                                     limit=1, progress=False, train_folder=train_folder)
+    assert ablation["settings"].tolist() == ["DOBI release", "dobi_mode=algorithm1, DOBI algorithm1"]
+    assert "Rows: DOBI only: DOBI release; DOBI alg. 1: dobi_mode=algorithm1, DOBI algorithm1." in caption_for(
+        ablation, "T", train_folder=train_folder)
+    assert len(list((ResultsCache(tmp_path, train_folder).folder / "quantized").glob("*.pt"))) == 2  # one per mode
+
+
+def test_captions_name_the_weights_and_the_training_images_from_what_was_given(tmp_path):
+    from PIL import Image
+
+    from quantlab.checkpoints import weights_origin
+    from quantlab.data import training_sets
+
+    assert weights_origin("default-x2") == "embedded"
+    assert weights_origin(tmp_path / "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth") == "official"
+    assert weights_origin(tmp_path / "swinir_x4.pth") == "checkpoint"
+    for folder, count in (("T91", 2), ("BSD200", 1), ("empty", 0)):
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / folder / f"{i}.png")
+    assert training_sets(tmp_path / "train") == "BSD200+T91 (3 images)"
+    official = RESULTS.assign(weights="official")
+    assert "m-0 (the official SwinIR-light weights, judged by the file name)" in caption_for(official, "T")
