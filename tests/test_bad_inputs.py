@@ -481,6 +481,16 @@ CLI_CASES = [
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt does not fit this model"),
     Case("cli-quantized-meta", quantized_file(lambda payload: payload.update(meta="{")),
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is a damaged quantized-model file"),
+    Case("cli-train-data-missing", lambda f: f, cli("train", "--out", lambda f: str(f / "run"), "--data",
+                                               lambda f: str(f / "nope")), SystemExit,
+         r"training image folder .*nope not found"),  # and no empty run folder left behind (the snapshot)
+    Case("cli-train-init-from-missing", lambda f: f, cli("train", "--out", lambda f: str(f / "run"), "--init-from",
+                                                    lambda f: str(f / "missing.pth")), SystemExit, r"missing\.pth"),
+    Case("cli-train-init-from-foreign", lambda f: torch_file("w.pth")(f) and f,
+         cli("train", "--out", lambda f: str(f / "run"), "--init-from", lambda f: str(f / "w.pth")), SystemExit,
+         r"w\.pth"),
+    Case("cli-train-out-file", with_file(None), cli("train", "--out", lambda f: str(f / "notes.txt")), SystemExit,
+         r"run folder .*notes\.txt is a file; give a folder path"),
     Case("cli-train-checkpoint-empty", lambda f: (f / "run").mkdir() or (f / "run" / "checkpoint.pt").write_bytes(b"")
          or f, cli("train", "--out", lambda f: str(f / "run"), "--steps", "2"), SystemExit,
          r"checkpoint\.pt is empty \(0 bytes\)"),
