@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -236,15 +237,29 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         raise ValueError(f"--only names no notebook; give some of {','.join(n.name for n in NOTEBOOKS)} or drop it")
     figures = args.figures or Path(args.out) / "figures"
     print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {figures}")
+    overrides = dict(args.parameter)
     if args.workers or args.scheduler:
-        for grid in table_grids(quick=not args.full, only=only):
+        for grid in table_grids(quick=not args.full, only=only, folder=args.notebooks, overrides=overrides):
             fill(**grid, out=args.out, workers=args.workers, scheduler=args.scheduler)
     try:
-        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures)
+        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures, overrides=overrides,
+                          folder=args.notebooks)
     except NotebookFailed as err:
         print(f"quantlab reproduce: {err}", file=sys.stderr)
         sys.exit(1)
     print(f"done: {len(times)} notebooks in {sum(t for _, t, _ in times) / 60:.1f} min")
+
+
+def notebook_parameter(text: str) -> tuple[str, object]:
+    """An argparse type: ``NAME=VALUE``, the value a Python literal (``limit=1``, ``bits=[4,2]``) or else a string
+    (``model=runs/x2.safetensors``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE such as limit=1 or model=path/to/x2.pth; got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        return name.strip(), value
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -344,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     re.add_argument("--figures", default=None, help="folder for PNG/PDF figures (default <out>/figures; "
                     "the committed ones: --figures figures in the checkout, as make run does)")
     re.add_argument("--threads", type=positive_int, default=None, help="torch threads of the notebook kernels")
+    re.add_argument("--notebooks", default=None, metavar="DIR", help="folder of quantlab's notebooks (default: "
+                    "the ones installed with quantlab, or notebooks/ of the checkout)")
+    re.add_argument("-p", "--parameter", type=notebook_parameter, action="append", default=[], metavar="NAME=VALUE",
+                    help="set a parameter in the notebooks that declare it (repeatable), e.g. -p model=x2.pth "
+                    "-p limit=1")
     add_cluster_arguments(re)
     re.set_defaults(func=cmd_reproduce)
 
