@@ -175,10 +175,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """The method settings given as flags (``--teacher``, ``--dobi-mode``), checked against ``--method``,
-    ``--bits`` and ``--preset`` before any computation."""
-    options = {k: v for k, v in {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode}.items()
-               if v is not None}
+    """The method settings given as flags (``--teacher``, ``--dobi-mode``, ``--iterations``), checked against
+    ``--method``, ``--bits`` and ``--preset`` before any computation."""
+    given = {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode, "iterations": args.iterations}
+    options = {k: v for k, v in given.items() if v is not None}
     for name in options:
         users = methods.taking(name)
         if args.method not in users:
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "symmetric everywhere (release); default: paper for dobi, the preset's for the others")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
+    qu.add_argument("--iterations", type=positive_int, default=None,
+                    help="dqc/2dquant/condiquant: DQC iterations (default: the preset's)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -392,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; a user error (bad option, missing or unreadable file, bad checkpoint, unknown name)
-    prints one line on stderr and exits with code 2."""
+    prints one line on stderr and exits with code 2; Ctrl-C prints one line and exits with code 130."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -402,3 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     except GridFailed as err:
         print(f"quantlab {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: finished work (checkpoints, cached cells, written files) is kept
+        hint = "" if args.command == "eval" else "; run the same command again to resume"
+        print(f"quantlab {args.command}: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)
