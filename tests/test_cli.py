@@ -82,10 +82,11 @@ def test_each_checkpoint_is_loaded_once(tiny_checkpoint, monkeypatch, capsys):
 def test_quantize_writes_the_file_and_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, capsys):
     out = tmp_path / "q.pt"
     main(["quantize", "--model", str(tiny_checkpoint), "--method", "dqc", "--bits", "4", "--data", str(train_folder),
-          "--out", str(out)])
+          "--iterations", "2", "--out", str(out)])
     assert "written" in capsys.readouterr().out
     assert out.is_file() and not out.with_suffix(".dqc.pt").exists()
-    assert load_quantized(out, load_model(tiny_checkpoint)).method_config.method == "dqc"
+    config = load_quantized(out, load_model(tiny_checkpoint)).method_config
+    assert config.method == "dqc" and config.settings["dqc"]["iterations"] == 2
 
 
 @pytest.mark.parametrize("teacher, expected", [(None, "original"), ("fp", "original"), ("conditioned", "conditioned")])
