@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -175,10 +176,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """The method settings given as flags (``--teacher``, ``--dobi-mode``), checked against ``--method``,
-    ``--bits`` and ``--preset`` before any computation."""
-    options = {k: v for k, v in {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode}.items()
-               if v is not None}
+    """The method settings given as flags (``--teacher``, ``--dobi-mode``, ``--iterations``), checked against
+    ``--method``, ``--bits`` and ``--preset`` before any computation."""
+    given = {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode, "iterations": args.iterations}
+    options = {k: v for k, v in given.items() if v is not None}
     for name in options:
         users = methods.taking(name)
         if args.method not in users:
@@ -238,18 +239,31 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.preset and not args.full:
         raise ValueError(f"--preset applies to --full only (--quick runs the quick presets); add --full or drop "
                          f"--preset {args.preset}")
-    overrides = {"preset": args.preset} if args.preset else None
     figures = args.figures or Path(args.out) / "figures"
     print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {figures}")
+    overrides = dict(args.parameter) | ({"preset": args.preset} if args.preset else {})
     if args.workers or args.scheduler:
-        for grid in table_grids(quick=not args.full, only=only, preset=args.preset):
+        for grid in table_grids(quick=not args.full, only=only, folder=args.notebooks, overrides=overrides):
             fill(**grid, out=args.out, workers=args.workers, scheduler=args.scheduler)
     try:
-        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures, overrides=overrides)
+        times = reproduce(quick=not args.full, only=only, out=args.out, figures=figures, overrides=overrides,
+                          folder=args.notebooks)
     except NotebookFailed as err:
         print(f"quantlab reproduce: {err}", file=sys.stderr)
         sys.exit(1)
     print(f"done: {len(times)} notebooks in {sum(t for _, t, _ in times) / 60:.1f} min")
+
+
+def notebook_parameter(text: str) -> tuple[str, object]:
+    """An argparse type: ``NAME=VALUE``, the value a Python literal (``limit=1``, ``bits=[4,2]``) or else a string
+    (``model=runs/x2.safetensors``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"must be NAME=VALUE such as limit=1 or model=path/to/x2.pth; got {text!r}")
+    try:
+        return name.strip(), ast.literal_eval(value)
+    except (SyntaxError, ValueError):
+        return name.strip(), value
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -316,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the preset's (release under --preset release, else paper)")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
+    qu.add_argument("--iterations", type=positive_int, default=None,
+                    help="dqc/2dquant/condiquant: DQC iterations (default: the preset's)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -355,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     re.add_argument("--figures", default=None, help="folder for PNG/PDF figures (default <out>/figures; "
                     "the committed ones: --figures figures in the checkout, as make run does)")
     re.add_argument("--threads", type=positive_int, default=None, help="torch threads of the notebook kernels")
+    re.add_argument("--notebooks", default=None, metavar="DIR", help="folder of quantlab's notebooks (default: "
+                    "the ones installed with quantlab, or notebooks/ of the checkout)")
+    re.add_argument("-p", "--parameter", type=notebook_parameter, action="append", default=[], metavar="NAME=VALUE",
+                    help="set a parameter in the notebooks that declare it (repeatable), e.g. -p model=x2.pth "
+                    "-p limit=1")
     add_cluster_arguments(re)
     re.set_defaults(func=cmd_reproduce)
 
@@ -383,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point; a user error (bad option, missing or unreadable file, bad checkpoint, unknown name)
-    prints one line on stderr and exits with code 2."""
+    prints one line on stderr and exits with code 2; Ctrl-C prints one line and exits with code 130."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
@@ -393,3 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     except GridFailed as err:
         print(f"quantlab {args.command}: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: finished work (checkpoints, cached cells, written files) is kept
+        hint = "" if args.command == "eval" else "; run the same command again to resume"
+        print(f"quantlab {args.command}: interrupted{hint}", file=sys.stderr)
+        sys.exit(130)

@@ -12,7 +12,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, load_model, load_weights_only, save_model
-from .data import PatchSampler
+from .data import Benchmark, PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
 from .runtime import pick_device
@@ -91,6 +91,10 @@ def initial_model(config: TrainConfig) -> SwinIR:
     model = SwinIR(SwinIRConfig(scale=config.scale))
     if config.init_from:
         source = load_model(config.init_from)
+        if replace(source.config, scale=config.scale) != model.config:
+            c = source.config
+            raise ValueError(f"{config.init_from} is not a SwinIR-light (embed_dim {c.embed_dim}, depths {c.depths}, "
+                             f"window {c.window_size}); --init-from takes SwinIR-light weights such as default-x2")
         body = {k: v for k, v in source.state_dict().items() if not k.startswith("upsample.")}
         if source.scale == config.scale:
             body = source.state_dict()
@@ -105,8 +109,11 @@ class Trainer:
     """Owns the model, EMA, optimizer, scheduler and sampler of one run in ``out_dir``."""
 
     def __init__(self, config: TrainConfig, out_dir: str | Path, device: str | torch.device | None = None):
+        """Every input (device, ``init_from``, training folder, validation set, a checkpoint to resume) is
+        checked before ``out_dir`` is created, so a run that cannot start leaves no empty folder behind."""
         self.config, self.out_dir = config, Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"run folder {self.out_dir} is a file; give a folder path as --out")
         self.device = pick_device(device)
         torch.manual_seed(config.seed)
         self.model = initial_model(config).to(self.device).train()
@@ -115,9 +122,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         largest_patch = max(size for _, size in config.patch_schedule)
         self.sampler = PatchSampler(config.scale, largest_patch, config.train_folder, seed=config.seed)
+        if config.val_every:
+            Benchmark(config.val_dataset, config.scale)
         self.step = 0
         if self.checkpoint_path.is_file():
             self.load_checkpoint()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def checkpoint_path(self) -> Path:

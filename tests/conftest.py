@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +55,32 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny_x2.safetensors"
     save_model(model, path)
     return path
+
+
+@pytest.fixture
+def interrupt():
+    """``interrupt(command, ready, sig)`` starts ``command`` in a process group of its own, waits until
+    ``ready()`` holds (a checkpoint or a partial result exists), then sends ``sig`` to the whole group (the
+    command and its children: notebook kernels, Dask workers), as Ctrl-C (SIGINT) or a killed job (SIGKILL)
+    would, and waits for it to end. Fails the test when the command ends first or ``timeout`` (s) passes.
+    Returns the command's stderr."""
+    def run(command: list[str], ready: Callable[[], bool], sig: int = signal.SIGKILL, timeout: float = 600,
+            **popen) -> str:
+        with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: progress bars never block the command
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                                       start_new_session=True, **popen)
+            deadline = time.monotonic() + timeout
+            try:
+                while not ready():
+                    assert process.poll() is None, f"{command} ended (exit {process.returncode}) before the signal"
+                    assert time.monotonic() < deadline, f"{command} was not ready within {timeout} s"
+                    time.sleep(0.05)
+                os.killpg(process.pid, sig)
+                process.wait(timeout=120)
+            finally:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            stderr.seek(0)
+            return stderr.read()
+    return run

@@ -82,10 +82,11 @@ def test_each_checkpoint_is_loaded_once(tiny_checkpoint, monkeypatch, capsys):
 def test_quantize_writes_the_file_and_removes_the_dqc_checkpoint(tiny_checkpoint, train_folder, tmp_path, capsys):
     out = tmp_path / "q.pt"
     main(["quantize", "--model", str(tiny_checkpoint), "--method", "dqc", "--bits", "4", "--data", str(train_folder),
-          "--out", str(out)])
+          "--iterations", "2", "--out", str(out)])
     assert "written" in capsys.readouterr().out
     assert out.is_file() and not out.with_suffix(".dqc.pt").exists()
-    assert load_quantized(out, load_model(tiny_checkpoint)).method_config.method == "dqc"
+    config = load_quantized(out, load_model(tiny_checkpoint)).method_config
+    assert config.method == "dqc" and config.settings["dqc"]["iterations"] == 2
 
 
 @pytest.mark.parametrize("teacher, expected", [(None, "original"), ("fp", "original"), ("conditioned", "conditioned")])
@@ -156,7 +157,7 @@ def test_reproduce_full_passes_its_preset_to_the_notebooks_and_the_grids(monkeyp
     assert calls[0]["overrides"] == {"preset": "release"} and not calls[0]["quick"]
     assert [f["preset"] for f in fills] == ["release"] and fills[0]["methods"][-2:] == ["dobi", "2dquant"]
     main(["reproduce", "--full", "--only", "table_2dquant", "--out", str(tmp_path)])
-    assert calls[1]["overrides"] is None  # each notebook's own full preset (paper)
+    assert calls[1]["overrides"] == {}  # each notebook's own full preset (paper)
     assert cli.table_grids(quick=False, only=["table_2dquant"])[0]["preset"] == "paper"
     with pytest.raises(SystemExit) as exit_:
         main(["reproduce", "--preset", "release", "--out", str(tmp_path)])

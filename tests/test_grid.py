@@ -133,17 +133,14 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_grid_completes(reference, 
             process.wait(timeout=30)
 
 
-def test_an_interrupted_table_run_computes_only_the_missing_cells(reference, tiny_checkpoint, train_folder, tmp_path):
+def test_an_interrupted_table_run_computes_only_the_missing_cells(reference, tiny_checkpoint, train_folder, tmp_path,
+                                                                   interrupt):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "quantlab", "table", "--model", str(tiny_checkpoint), "--bits", "4,2",
                "--methods", "minmax,dobi,2dquant", "--datasets", "Set5", "--limit", "1", "--out", str(out),
                "--data", str(train_folder), "--workers", "2"]
-    client = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not list(out.glob("cache/*/cells/*/*.csv")) and time.monotonic() < deadline and client.poll() is None:
-        time.sleep(0.1)
-    os.killpg(client.pid, signal.SIGKILL)  # the client and its local cluster, as a closed terminal would
-    client.wait(timeout=30)
+    # the client and its local cluster, killed as a closed terminal would
+    interrupt(command, lambda: bool(list(out.glob("cache/**/cells/*/*.csv"))), signal.SIGKILL)
     tasks, reused = grid.plan([tiny_checkpoint], out=out, train_folder=train_folder, **GRID)
     assert 0 < reused and len([t for t in tasks if t.kind == "evaluate"]) == 6 - reused
     summary = grid.fill([tiny_checkpoint], out=out, train_folder=train_folder, workers=2, progress=False,

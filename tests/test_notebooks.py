@@ -35,9 +35,10 @@ def test_notebook_runs_in_quick_mode_and_writes_figures(name, run_dirs, monkeypa
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path_factory.getbasetemp() / "imgcache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: one kernel thread, no oversubscription
     out, figures, overrides = run_dirs
+    declared = notebook_parameters(notebook_path(name))
     lines = []
-    [(_, _, parameters)] = reproduce(quick=True, only=[name], out=out, figures=figures, overrides=overrides,
-                                     report=lines.append)
+    [(_, _, parameters)] = reproduce(quick=True, only=[name], out=out, figures=figures, report=lines.append,
+                                     overrides={k: v for k, v in overrides.items() if k in declared})
     assert (out / "notebooks" / f"{name}.ipynb").is_file()
     assert len(lines) == 2 and lines[0].startswith(name) and "running (1/1)" in lines[0]
     assert lines[1].startswith(name) and lines[1].endswith(" s")
@@ -77,7 +78,8 @@ def test_table_csv_has_one_row_per_requested_cell(table_run):
 def test_failing_notebook_is_named(tmp_path):
     folder = tmp_path / "nb"
     folder.mkdir()
-    broken = {"cells": [{"id": "p", "cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "x = 1",
+    declared = "".join(f"{name} = None\n" for name in ["quick", "out", "figures", *NOTEBOOKS[0].quick])
+    broken = {"cells": [{"id": "p", "cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": declared,
                          "outputs": [], "execution_count": None},
                         {"id": "b", "cell_type": "code", "metadata": {}, "source": "raise ValueError('boom')",
                          "outputs": [], "execution_count": None}],
@@ -85,7 +87,8 @@ def test_failing_notebook_is_named(tmp_path):
               "nbformat": 4, "nbformat_minor": 5}
     for notebook in NOTEBOOKS[:1]:
         (folder / f"{notebook.name}.ipynb").write_text(json.dumps(broken))
-    with pytest.raises(NotebookFailed, match=f"{NOTEBOOKS[0].name}.ipynb failed in cell 2.*boom"):
+    # cell 2 is the parameters papermill injects
+    with pytest.raises(NotebookFailed, match=f"{NOTEBOOKS[0].name}.ipynb failed in cell 3.*boom"):
         reproduce(only=[NOTEBOOKS[0].name], out=tmp_path / "out", figures=tmp_path / "fig", folder=folder)
     with pytest.raises(ValueError, match="unknown notebook"):
         select(["nope"])
