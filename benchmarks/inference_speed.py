@@ -7,8 +7,9 @@ code's structure: softmax(Q*scale @ K^T + bias (+ mask)) @ V, window partition/r
 mask recomputed in every shifted block of a non-64x64 input) runs on the same weights. Prints:
 the machine (CPU, threads, a measured sgemm peak), the largest output difference, the time of both
 forwards on the calibration batch (32 x 3 x 64 x 64) and on one image in alternating rounds with the
-ratio per round, and the achieved GFLOP/s of the linear layers, the attention (Q@K^T and softmax@V with
-their bias, mask and softmax) and the whole forward of each implementation.
+ratio per round (with ``--quantized``, a MinMax W4A4 copy too), the attention path quantlab chose per
+shape, and the achieved GFLOP/s of the linear layers, the attention (Q@K^T and softmax@V with their
+bias, mask and softmax) and the whole forward of each implementation.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab import load_model
+from quantlab import calibrate, load_model, swinir
 from quantlab.data import calibration_patches
+from quantlab.quant import QuantConfig, quantize
 from quantlab.swinir import SwinIR
 
 MATMUL_PEAK_SIDE = 2048  # the square sgemm timed as the machine's matmul peak
@@ -210,14 +212,15 @@ def quantlab_clock(model: SwinIR) -> tuple[Clock, list]:
     return clock, handles
 
 
-def compare(model: SwinIR, baseline: ExplicitSwinIR, inputs: dict[str, torch.Tensor], rounds: int) -> pd.DataFrame:
-    """Alternating rounds of both forwards on each input: one row per (input, round) with both times."""
-    rows = []
-    for name, x in inputs.items():
-        for _ in range(rounds):
-            rows.append({"input": name, "quantlab s": timed(lambda: model(x)), "explicit s": timed(lambda: baseline(x))})
+def compare(nets: dict[str, Callable], inputs: dict[str, torch.Tensor], rounds: int) -> pd.DataFrame:
+    """Alternating rounds of every forward (name -> net, the first quantlab's FP model, the second the
+    explicit baseline) on each input: one row per (input, round) with every time and the ratios to the FP one."""
+    rows = [{"input": name, **{f"{net} s": timed(lambda: run(x)) for net, run in nets.items()}}
+            for name, x in inputs.items() for _ in range(rounds)]
     table = pd.DataFrame(rows)
-    table["ratio"] = table["quantlab s"] / table["explicit s"]
+    fp, *others = nets
+    for net in others:
+        table[f"{net} / {fp}"] = table[f"{net} s"] / table[f"{fp} s"]
     return table
 
 
@@ -246,6 +249,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per input")
     parser.add_argument("--image", type=int, default=256, help="side of the one-image input")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also time a MinMax W4A4 fake-quantized copy (the inference arithmetic of DOBI/2DQuant)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,15 +262,22 @@ def main() -> None:
     pd.set_option("display.width", 160)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {args.model}")
     print(f"matmul peak (fp32 {MATMUL_PEAK_SIDE}^3, best of 5): {matmul_peak():.0f} GFLOP/s")
+    nets = {"quantlab": model, "explicit": baseline}
+    if args.quantized:
+        nets["W4A4"] = calibrate.minmax(quantize(model, QuantConfig(bits=4)), inputs["batch 32x3x64x64"])
     with torch.inference_mode():
         for name, x in inputs.items():  # warm-up at full size, and the outputs compared
             difference = (model(x) - baseline(x)).abs().max().item()
             print(f"{name}: max |quantlab - explicit| = {difference:.2e}")
-        table = compare(model, baseline, inputs, args.rounds)
-        print(f"\nFP forward, {args.rounds} alternating rounds per input:")
+            if args.quantized:
+                nets["W4A4"](x)
+        table = compare(nets, inputs, args.rounds)
+        print(f"\nforward times, {args.rounds} alternating rounds per input:")
         print(table.to_string(float_format="%.3f"))
         print(table.groupby("input", sort=False).median().rename(columns=lambda c: f"median {c}")
               .to_string(float_format="%.3f"))
+        paths = {f"{key[0]} windows, bias {key[4]}": path for key, path in swinir.chosen_attention_paths().items()}
+        print(f"attention path chosen by quantlab: {paths}")
         print(f"\nachieved GFLOP/s on the batch (one timed forward each; matmul peak above):")
         print(breakdown(model, baseline, inputs["batch 32x3x64x64"]).to_string(float_format="%.2f", index=False))
 

@@ -1,9 +1,10 @@
 """SwinIR-light: a compact, readable SwinIR with a pixel-shuffle-direct upsampler.
 
-Numerically identical to the official implementation (JingyunLiang/SwinIR) for the same weights,
-but every linear layer (``qkv``, ``proj``, ``fc1``, ``fc2``) and both attention batch-matmuls
-(``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V) are named submodules, so quantization can wrap
-them without rewriting the model. Module names drop the official ``residual_group`` level
+Numerically identical to the official implementation (JingyunLiang/SwinIR) for the same weights (to
+~1e-6 when inference runs the fused attention kernel), but every linear layer (``qkv``, ``proj``,
+``fc1``, ``fc2``) and both attention batch-matmuls (``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V)
+are named submodules that hooks can observe; :func:`quantlab.quant.quantize` swaps in quantized
+modules of the same names, so this file knows nothing of quantization. Module names drop the official ``residual_group`` level
 (``layers.0.blocks.1.mlp.fc2``); :mod:`quantlab.checkpoints` maps the official key layout.
 """
 from __future__ import annotations
