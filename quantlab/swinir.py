@@ -1,13 +1,17 @@
 """SwinIR-light: a compact, readable SwinIR with a pixel-shuffle-direct upsampler.
 
-Numerically identical to the official implementation (JingyunLiang/SwinIR) for the same weights,
-but every linear layer (``qkv``, ``proj``, ``fc1``, ``fc2``) and both attention batch-matmuls
-(``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V) are named submodules, so quantization can wrap
-them without rewriting the model. Module names drop the official ``residual_group`` level
+Numerically identical to the official implementation (JingyunLiang/SwinIR) for the same weights (to
+~1e-6 when inference runs the fused attention kernel), but every linear layer (``qkv``, ``proj``,
+``fc1``, ``fc2``) and both attention batch-matmuls (``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V)
+are named submodules that hooks can observe; :func:`quantlab.quant.quantize` swaps in quantized
+modules of the same names, so this file knows nothing of quantization. Module names drop the official ``residual_group`` level
 (``layers.0.blocks.1.mlp.fc2``); :mod:`quantlab.checkpoints` maps the official key layout.
 """
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +20,6 @@ from torch import nn
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 SHIFT_MASK_VALUE = -100.0  # what the official code adds between tokens of different shifted regions
-ATTENTION_CHUNK = 64  # windows per chunk of the explicit inference path: 64 x heads x 64 x 64 floats = 6 MB
 
 
 @dataclass(frozen=True)
@@ -89,66 +92,77 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None.
-
-        softmax(Q·K^T / sqrt(d) + bias + mask)·V. For inference (grad disabled) with both matmuls plain
-        and unhooked it runs as one fused ``scaled_dot_product_attention`` (no (B*nW, heads, N, N) map
-        in memory; 2-3x faster than the whole-batch explicit attention of one layer on CPU). Training
-        (its fused backward is ~10% slower here) and quantized or hooked matmuls take the explicit
-        two-matmul path, as in the official code; for inference through sliceable matmuls (see
-        :func:`is_sliceable`) it runs ``ATTENTION_CHUNK`` windows at a time, so that the attention maps
-        take 6 MB, not the whole batch's (same values).
-        """
+        """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None. softmax(Q·K^T / sqrt(d) + bias + mask)·V,
+        the bias and mask added once per call as one (W, heads, N, N) term (:meth:`attend`)."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         bias = bias.permute(2, 0, 1)[None]  # (1, heads, N, N)
         if mask is not None:
             bias = mask[:, None] + bias  # (nW, heads, N, N)
-        windows = bias.shape[0]
-        if not torch.is_grad_enabled() and is_plain(self.matmul_qk) and is_plain(self.matmul_av):
-            if windows > 1:  # the fused CPU kernel needs a 4-D mask of the batch's own size
-                bias = bias.expand(bw // windows, -1, -1, -1, -1).reshape(bw, -1, n, n)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        elif not torch.is_grad_enabled() and is_sliceable(self.matmul_qk) and is_sliceable(self.matmul_av):
-            out = self.chunked_attention(q, k, v, bias)
-        else:
-            out = self.explicit_attention(q, k, v, bias)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+        return self.proj(self.attend(q, k, v, bias).transpose(1, 2).reshape(bw, n, c))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N) -> (B * W, heads, N, d). Training, and a
+        hooked ``matmul_qk``/``matmul_av`` (the hook must see its operands), run :meth:`explicit_attention`;
+        inference runs the faster of it and the fused kernel for these shapes (:func:`attention_path`)."""
+        if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
+            return self.explicit_attention(q, k, v, bias)
+        paths = {"fused": lambda: fused_attention(q, k, v, bias, self.scale),
+                 "explicit": lambda: self.explicit_attention(q, k, v, bias)}
+        return attention_path((*q.shape, *bias.shape, q.dtype, q.device.type), paths)
 
     def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N), W windows per image (or 1 for all)."""
+        """The official two-matmul attention through ``matmul_qk`` and ``matmul_av``; shapes as :meth:`attend`
+        (bias: W windows per image, or 1 for all)."""
         k_t, v = k.transpose(-2, -1).contiguous(), v.contiguous()  # the copies bmm would make, made once
         attn = self.matmul_qk(q * self.scale, k_t)
         attn = (attn.view(-1, bias.shape[0], *attn.shape[1:]) + bias).view(attn.shape)
         return self.matmul_av(attn.softmax(dim=-1), v)
 
-    def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """:meth:`explicit_attention` over runs of at most ``ATTENTION_CHUNK`` windows, concatenated: the
-        same values in bounded memory (peak RSS of a fake-quantized 32x3x64x64 forward 0.78 GiB, 1.40
-        whole; as fast). A run holds whole images when an image has fewer windows (a batch of patches),
-        else consecutive windows of one image with their rows of a per-window bias."""
-        windows, rows = bias.shape[0], q.shape[0]
-        if windows <= ATTENTION_CHUNK:  # also the unshifted case, one bias for all windows
-            step = ATTENTION_CHUNK // windows * windows
-            runs = [(slice(start, start + step), slice(None)) for start in range(0, rows, step)]
-        else:
-            runs = [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)),
-                     slice(start, start + ATTENTION_CHUNK))
-                    for image in range(0, rows, windows) for start in range(0, windows, ATTENTION_CHUNK)]
-        return torch.cat([self.explicit_attention(q[run], k[run], v[run], bias[part]) for run, part in runs])
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """:meth:`WindowAttention.explicit_attention` as one ``scaled_dot_product_attention`` (no attention map in
+    memory); the CPU kernel needs a mask of the batch's own size, so a per-window bias is expanded."""
+    windows = bias.shape[0]
+    if windows > 1:
+        bias = bias.expand(q.shape[0] // windows, -1, -1, -1, -1).reshape(q.shape[0], *bias.shape[1:])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-def is_plain(module: nn.Module) -> bool:
-    """True for a :class:`MatMul` that nothing wraps or hooks (it may then be fused away)."""
-    return type(module) is MatMul and is_sliceable(module)
+ATTENTION_PATHS = ("fused", "explicit")
+ATTENTION_ENV = "QUANTLAB_ATTENTION"  # "fused" or "explicit" pins the FP inference path; unset or "auto" measures
+CLOSE_RACE = 1.5  # a second timed round of both paths when the slower is within this factor of the faster
+_chosen_paths: dict[tuple, str] = {}
 
 
-def is_sliceable(module: nn.Module) -> bool:
-    """True when running ``module`` on slices of the window batch gives the slices of its output: no
-    hooks, and a wrapped matmul (e.g. quantized) does not declare ``sliceable = False`` (as one that
-    observes whole tensors for calibration does)."""
-    return not has_hooks(module) and getattr(module, "sliceable", True)
+def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """The output of the faster of ``paths`` (name -> run) for inputs described by ``key``. Which one is
+    faster depends on the CPU (the fused kernel is 2-3x faster on Intel Xeons, ~25% slower on AMD EPYCs), so
+    the first call per key and process times them all on these very inputs (a second round when close)
+    and keeps the choice; ``QUANTLAB_ATTENTION=fused|explicit`` pins it (outputs differ by ~1e-6)."""
+    pinned = os.environ.get(ATTENTION_ENV, "auto")
+    if pinned in paths:
+        return paths[pinned]()
+    if pinned != "auto":
+        raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {tuple(paths)}, got {pinned!r}")
+    if key in _chosen_paths:
+        return paths[_chosen_paths[key]]()
+    seconds, outputs = dict.fromkeys(paths, 0.0), {}
+    for _ in range(2):
+        for name, run in paths.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            seconds[name] += time.perf_counter() - start
+        if max(seconds.values()) > CLOSE_RACE * min(seconds.values()):
+            break
+    _chosen_paths[key] = min(seconds, key=seconds.get)
+    return outputs[_chosen_paths[key]]
+
+
+def chosen_attention_paths() -> dict[tuple, str]:
+    """The paths :func:`attention_path` has chosen in this process, by input key (a copy)."""
+    return dict(_chosen_paths)
 
 
 def has_hooks(module: nn.Module) -> bool:

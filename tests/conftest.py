@@ -10,6 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from quantlab.swinir import ATTENTION_ENV
+
+# One FP attention kernel for the whole suite (subprocesses and workers inherit it): the measured choice of
+# quantlab.swinir.attention_path can differ between processes on near-tied tiny models, and results compared
+# across processes must be bit-identical. tests/test_swinir.py covers both kernels and the measured choice.
+os.environ.setdefault(ATTENTION_ENV, "fused")
+
 
 @pytest.fixture(autouse=True)
 def seeded_global_rng():

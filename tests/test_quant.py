@@ -401,12 +401,12 @@ def test_nan_calibration_data_is_refused(tiny_model_and_patches):
 def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, batch, windows, chunks):
     """Inference runs the quantized attention at most ATTENTION_CHUNK windows at a time (with and without
     the shift mask, one or several images); a hook forces the whole-batch path: same values."""
-    from quantlab import swinir
+    from quantlab import quant
 
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     x = torch.rand(batch, 3, 4 * windows[0], 4 * windows[1], generator=torch.Generator().manual_seed(2))
-    assert swinir.ATTENTION_CHUNK == 64  # windows of 4x4 pixels in the tiny model
+    assert quant.ATTENTION_CHUNK == 64  # windows of 4x4 pixels in the tiny model
     attn = qmodel.layers[0].blocks[1].attn  # a shifted block
     explicit, seen = attn.explicit_attention, []
     attn.explicit_attention = lambda *a: seen.append(a[0].shape[0]) or explicit(*a)

@@ -7,6 +7,7 @@ coordinates. It shares no code with quantlab.swinir, so agreement checks the win
 the cyclic shift, the mask, the bias indexing, padding and cropping together.
 """
 import math
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 import quantlab
 from quantlab.checkpoints import CheckpointError, infer_config, load_model, save_model, to_official_keys
+from quantlab import swinir
 from quantlab.swinir import RGB_MEAN, SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
 
 
@@ -138,6 +140,45 @@ def test_hooked_matmuls_take_the_explicit_path_and_agree(official_checkpoint):
     assert len(calls) == sum(config.depths)
     assert calls[0] == (2 * 2 * 3, config.num_heads[0], 64, 64)  # (B * nW, heads, N, N) softmax maps
     assert (out.double() - oracle_forward(state, x, config)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["fused", "explicit", "auto"])
+def test_every_inference_attention_path_matches_the_oracle(official_checkpoint, monkeypatch, path):
+    """Both FP inference paths (pinned with QUANTLAB_ATTENTION) and the measured choice agree with the oracle
+    to 1e-5, on a batch of patches and on one image of more windows than a patch."""
+    path_file, state, config = official_checkpoint
+    monkeypatch.setenv(swinir.ATTENTION_ENV, path)
+    model = load_model(path_file)
+    for shape in [(3, 3, 16, 16), (1, 3, 40, 48)]:
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            assert (model(x).double() - oracle_forward(state, x, config)).abs().max() <= 1e-5
+
+
+def test_attention_path_is_measured_once_per_key(monkeypatch):
+    """The first call for a key runs every path (timed) and returns the faster one's output; later calls
+    run only that path; a pinned path runs alone; a wrong pin names the variable and the choices."""
+    monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    calls = []
+
+    def path(name: str, seconds: float):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor(float(len(name)))
+        return run
+
+    paths = {"slow": path("slow", 0.05), "quick": path("quick", 0.0)}
+    assert swinir.attention_path(("k",), paths).item() == len("quick")
+    assert calls == ["slow", "quick"]  # one round: the slower took far more than CLOSE_RACE times as long
+    assert swinir.attention_path(("k",), paths).item() == len("quick") and calls[2:] == ["quick"]
+    assert swinir.chosen_attention_paths() == {("k",): "quick"}
+    monkeypatch.setenv(swinir.ATTENTION_ENV, "slow")
+    assert swinir.attention_path(("k",), paths).item() == len("slow") and calls[3:] == ["slow"]
+    monkeypatch.setenv(swinir.ATTENTION_ENV, "fast")
+    with pytest.raises(ValueError, match="QUANTLAB_ATTENTION must be 'auto' or one of"):
+        swinir.attention_path(("k",), paths)
 
 
 def test_oracle_detects_a_wrong_shift(official_checkpoint):
