@@ -105,7 +105,12 @@ class NoisyQuantizer(FakeQuantizer):
         if self.mode == "observe":
             self.observer(self, x + self.bias)
             return x
-        return fake_quantize(x + self.bias, self.lower, self.upper, self.bits)
+        return self.quantize_values(x + self.bias)
+
+    def describe(self) -> str:
+        noise = self.bias.detach()
+        return (f"uniform on x + N: {2**self.bits} levels on [l, u] for x + N, N per input channel in "
+                f"[{noise.min().item():.3g}, {noise.max().item():.3g}] (the layer removes N through its bias)")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise={self.noise.numel()} channels"

@@ -92,10 +92,21 @@ class LogSqrt2Quantizer(FakeQuantizer):
         super().__init__(kind, bits)
         self.set_bounds(0.0, 1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("log-sqrt(2) levels s 2^(-k/2): only u = s matters; MinMax/DOBI fit a uniform grid "
+                               "(RepQ-ViT's percentile-MSE search sets s)")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         return log_sqrt2_quantize(x, self.upper, self.bits)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """0 and s 2^(-k/2), k = 2^b - 1..0: (1, 2^b + 1), ascending."""
+        scale = self.upper.detach().reshape(())
+        codes = torch.arange(2**self.bits - 1, -1, -1, dtype=scale.dtype, device=scale.device)
+        return torch.cat([scale.new_zeros(1), scale * torch.exp2(-codes / 2)])[None]
+
+    def describe(self) -> str:
+        return f"log-sqrt(2): 0 and s 2^(-k/2), k = 0..{2**self.bits - 1}, s = {self.upper.item():.3g}"
 
 
 class ZeroGridQuantizer(FakeQuantizer):
@@ -103,11 +114,23 @@ class ZeroGridQuantizer(FakeQuantizer):
     clamp(D round(x / D), l, u), D = (u - l) / (2^b - 1), the grid anchored at 0, not at l (which Eq. 1
     anchors at l). With z = -l / D this is (clamp(round(x / D) + z, 0, 2^b - 1) - z) D, as released."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("levels anchored at 0, not at l (the official fractional zero point): MinMax/DOBI "
+                               "score Eq. 1's grid anchored at l")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         step = (self.upper - self.lower) / (2**self.bits - 1)
         return torch.clamp(torch.round(x / step) * step, self.lower, self.upper)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """l, the multiples k D inside (l, u), and u: (1, L), ascending."""
+        lower, upper = self.lower.detach().reshape(()), self.upper.detach().reshape(())
+        step = (upper - lower) / (2**self.bits - 1)
+        codes = torch.arange(int(torch.ceil(lower / step)), int(torch.floor(upper / step)) + 1, device=step.device)
+        return torch.cat([lower[None], codes.to(step.dtype) * step, upper[None]]).clamp(lower, upper).unique()[None]
+
+    def describe(self) -> str:
+        return f"uniform anchored at 0 (official RepQ fold): multiples of (u - l) / {2**self.bits - 1} in [l, u], and l, u"
 
 
 def settings(preset: str) -> dict:
