@@ -215,13 +215,18 @@ def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
     return torch.stack([p[0] for p in pairs]).reshape(shape), torch.stack([p[1] for p in pairs]).reshape(shape)
 
 
+def check_patches(patches: torch.Tensor) -> None:
+    """ValueError, naming the fix, for calibration patches with NaN or inf values."""
+    if not torch.isfinite(patches).all():
+        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+
+
 @torch.no_grad()
 def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuantizer, torch.Tensor], None]) -> None:
     """One FP pass of ``patches`` (N, 3, h, w) with every quantizer in observe mode:
     ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
     (q/k/v input quantizers get the same tensor object); nothing else is kept."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+    check_patches(patches)
     named = [q for _, q in quantizers(qmodel)]
     for quantizer in named:
         quantizer.observer = observe
@@ -232,6 +237,21 @@ def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuan
         set_mode(qmodel, "quantize")
         for quantizer in named:
             quantizer.observer = None
+
+
+@torch.no_grad()
+def sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Module],
+               before: Callable[[nn.Module, tuple], tuple | None]) -> None:
+    """Sequential calibration's pass: one forward of ``patches`` (N, 3, h, w) with the quantizers as they
+    are (quantizing), ``before(module, inputs)`` run on each of ``modules`` just before it runs, so that
+    it sees the already quantized tensors upstream; as a forward pre-hook, it may return new inputs."""
+    check_patches(patches)
+    handles = [module.register_forward_pre_hook(before) for module in modules]
+    try:
+        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:

@@ -258,8 +258,6 @@ def calibrate_sequential(qmodel: nn.Module, patches: torch.Tensor, percentiles: 
     """One pass of ``patches`` (N, 3, h, w) with every quantizer quantizing, each fitted (:func:`fit`) on
     the first tensor it sees, i.e. on the quantized outputs upstream. The qkv and fc1 inputs are
     quantized per channel (last dim); their per-channel bounds ((C,), (C,)) are returned by quantizer."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
     per_channel = {linear.act for _, linears in folded_pairs(qmodel) for linear in linears}
     found: dict[FakeQuantizer, tuple[torch.Tensor, torch.Tensor]] = {}
     last: dict = {}  # the last per-channel input: q, k and v get the same tensor
@@ -276,14 +274,11 @@ def calibrate_sequential(qmodel: nn.Module, patches: torch.Tensor, percentiles: 
         return (last["out"],)  # the quantizer is off: it passes the per-channel quantized tensor on
 
     set_mode(qmodel, "quantize")
-    handles = [q.register_forward_pre_hook(first_input) for _, q in quantizers(qmodel)]
     for quantizer in per_channel:
         quantizer.mode = "off"
     try:
-        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
+        calibrate.sequential(qmodel, patches, [q for _, q in quantizers(qmodel)], first_input)
     finally:
-        for handle in handles:
-            handle.remove()
         set_mode(qmodel, "quantize")
     return found
 
