@@ -81,11 +81,12 @@ def main() -> None:
     for name in calibrations:  # warm-up at full size: heap, MKL
         quantize_with(model, name, args.bits, patches=patches, progress=False)
     runs = {name: [] for name in ["forward", *calibrations]}
-    for _ in range(args.rounds):  # alternating, so that all see the same machine load
+    for round_ in range(1, args.rounds + 1):  # alternating, so that all see the same machine load
         for name in calibrations:
             start = time.perf_counter()
             calibrated = quantize_with(model, name, args.bits, patches=patches, progress=False)
             runs[name].append(time.perf_counter() - start)
+            print(f"  round {round_}: {name} calibration {runs[name][-1]:.1f} s", flush=True)
             if name == "dobi":
                 qmodel = calibrated  # the DOBI model of the later sections
         start = time.perf_counter()
