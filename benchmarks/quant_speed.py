@@ -1,9 +1,13 @@
 """DOBI calibration speed/memory and fake-quantized inference cost, against their targets.
 
     python benchmarks/quant_speed.py [--model default-x2|PATH] [--bits 4] [--rounds 3] [--quantized FILE]
+                                     [--methods ptq4vit,repq_vit,noisyquant]
 
 Prints: whole-model DOBI on 32 LR patches 3x64x64 (target <= 10 s, peak RSS <= 4 GiB) beside one FP
-forward pass of that batch (the pass DOBI observes), in alternating rounds after a full-size warm-up;
+forward pass of that batch (the pass DOBI observes) and the calibration of each of ``--methods``
+(quick preset, W``bits``A``bits``; target <= 2x DOBI each) as a ratio to DOBI's time in the same
+round, in alternating rounds after a full-size warm-up; every calibration is timed as
+``quantize_with`` runs it (copy of the model included);
 the time of the per-tensor search on the distinct tensors of the first Swin block, as a per-candidate
 loop, batched exact, and batched on a histogram of a sample with the model-level defaults (no
 extrapolation to the whole model); and Set5 inference time of the quantized (the DOBI one, or
@@ -23,8 +27,8 @@ from quantlab import calibrate, load_model
 from quantlab.calibrate import DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search
 from quantlab.data import calibration_patches
 from quantlab.evaluation import evaluate
-from quantlab.pipeline import load_quantized
-from quantlab.quant import QuantConfig, fake_quantize, quantize, quantizers
+from quantlab.pipeline import load_quantized, quantize_with
+from quantlab.quant import fake_quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds of DOBI / FP forward, and of FP / fake-quantized Set5")
+    parser.add_argument("--methods", default="ptq4vit,repq_vit,noisyquant",
+                        help="comma-separated methods whose calibration time is compared with DOBI's ('' for none)")
     parser.add_argument("--quantized", default=None,
                         help="evaluate this quantized-model file ('quantlab quantize') instead of the DOBI model")
     args = parser.parse_args()
@@ -70,17 +76,24 @@ def main() -> None:
     patches = calibration_patches(n=32, size=64, scale=model.config.scale)
     print(f"model: {label}; threads: {torch.get_num_threads()}; calibration batch {tuple(patches.shape)}")
 
-    calibrate.dobi(quantize(model, QuantConfig(bits=args.bits)), patches)  # warm-up at full size: heap, MKL
-    runs = {"DOBI": [], "forward": []}
-    for _ in range(args.rounds):  # alternating, so that both see the same machine load
-        qmodel = quantize(model, QuantConfig(bits=args.bits))
-        start = time.perf_counter()
-        calibrate.dobi(qmodel, patches, mode="paper")
-        runs["DOBI"].append(time.perf_counter() - start)
+    compared = [name for name in args.methods.split(",") if name]
+    calibrations = ["dobi", *compared]
+    for name in calibrations:  # warm-up at full size: heap, MKL
+        quantize_with(model, name, args.bits, patches=patches, progress=False)
+    runs = {name: [] for name in ["forward", *calibrations]}
+    for round_ in range(1, args.rounds + 1):  # alternating, so that all see the same machine load
+        for name in calibrations:
+            start = time.perf_counter()
+            calibrated = quantize_with(model, name, args.bits, patches=patches, progress=False)
+            runs[name].append(time.perf_counter() - start)
+            print(f"  round {round_}: {name} calibration {runs[name][-1]:.1f} s", flush=True)
+            if name == "dobi":
+                qmodel = calibrated  # the DOBI model of the later sections
         start = time.perf_counter()
         with torch.no_grad():
             model(patches)
         runs["forward"].append(time.perf_counter() - start)
+    runs["DOBI"] = runs.pop("dobi")
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     dobi_seconds, forward_seconds = statistics.median(runs["DOBI"]), statistics.median(runs["forward"])
     print(f"DOBI whole model (384 quantizers, histogram scoring), median of {args.rounds}: {dobi_seconds:.1f} s   "
@@ -89,6 +102,11 @@ def main() -> None:
           f"{', '.join(f'{t:.1f}' for t in runs['forward'])} s); DOBI / forward per round: "
           f"{', '.join(f'{d / f:.2f}' for d, f in zip(runs['DOBI'], runs['forward']))}. "
           "DOBI needs one pass over FP activations")
+    for name in compared:
+        ratios = [t / d for t, d in zip(runs[name], runs["DOBI"])]
+        print(f"{name} calibration (quick, W{args.bits}A{args.bits}), median {statistics.median(runs[name]):.1f} s "
+              f"(runs: {', '.join(f'{t:.1f}' for t in runs[name])} s); / DOBI per round: "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x   target 2x")
     print(f"peak RSS of this process so far: {peak_gib:.2f} GiB   target 4 GiB   ratio {peak_gib / 4:.2f}")
 
     tensors = first_block_tensors(qmodel, patches)

@@ -183,8 +183,9 @@ def bound_percentiles(samples: Mapping[str, TensorSample],
 
     ``bounds``: method label -> calibrated quantized model or :func:`quantlab.quant.bounds_table` frame
     (per-channel bounds enter as their min lower / max upper). Tidy: one row per (quantizer, method) with
-    name, index (forward order), layer, block, kind, method, lower, upper, lower_pct, upper_pct and
-    ``kept`` = upper_pct - lower_pct (share of the tensor inside [l, u]).
+    name, index (forward order), layer, block, kind, method, lower, upper, lower_pct, upper_pct,
+    ``kept`` = upper_pct - lower_pct (share of the tensor inside [l, u]) and, from a model (or a table
+    with that column), ``quantizer``: what its levels are (uniform on [l, u], twin-uniform, log-sqrt(2), ...).
     """
     rows = []
     for method, source in bounds.items():
@@ -195,7 +196,8 @@ def bound_percentiles(samples: Mapping[str, TensorSample],
             lo_pct, up_pct = percentile_rank(s.values, lower), percentile_rank(s.values, upper)
             rows.append({"name": name, "index": index, **location(name), "kind": s.kind, "method": method,
                          "lower": lower, "upper": upper, "lower_pct": lo_pct, "upper_pct": up_pct,
-                         "kept": up_pct - lo_pct})
+                         "kept": up_pct - lo_pct,
+                         **({"quantizer": lookup.at[name, "quantizer"]} if "quantizer" in lookup else {})})
     return pd.DataFrame(rows)
 
 

@@ -187,12 +187,38 @@ def kth_value(flat: torch.Tensor, k: int, largest: bool = False, sample: int = 2
 Fit = Callable[[FakeQuantizer, torch.Tensor], Bounds]
 
 
-def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
-    """Apply a per-tensor fit to the whole tensor, or row by row for a per-channel weight quantizer."""
+def group_dim(quantizer: FakeQuantizer, x: torch.Tensor) -> int | None:
+    """The dim of ``x`` holding the quantizer's groups, or None for a per-tensor quantizer. The bounds
+    broadcast against ``x`` aligned on the right, with one dim of size > 1: (C, 1) per output channel of a
+    weight (C, C_in) (dim 0), (heads, 1, 1) per head of a matmul operand (BW, heads, N, d) (dim 1).
+    ValueError for bounds that do not broadcast so."""
+    shape = quantizer.lower.shape
     if not quantizer.per_channel:
+        return None
+    dims = [x.dim() - len(shape) + i for i, size in enumerate(shape) if size > 1]
+    if len(dims) != 1 or dims[0] < 0 or x.shape[dims[0]] != shape[dims[0] - x.dim()]:
+        raise ValueError(f"cannot fit bounds of shape {tuple(shape)} to a tensor of shape {tuple(x.shape)}: "
+                         "per-group bounds need exactly one dim of size > 1, equal to the tensor's dim it aligns "
+                         "with on the right ((C, 1) per output channel, (heads, 1, 1) per head)")
+    return dims[0]
+
+
+def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
+    """``fit`` (a per-tensor fit) on the whole tensor, or on each group of a per-group quantizer (the
+    slices of ``x`` along :func:`group_dim`: per output channel, per head); returns bounds of the
+    quantizer's bounds shape ((1,)-broadcastable 0-d pair per tensor, (C, 1) or (heads, 1, 1) per group)."""
+    dim = group_dim(quantizer, x)
+    if dim is None:
         return fit(quantizer, x)
-    pairs = [fit(quantizer, row) for row in x.reshape(x.shape[0], -1)]
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    pairs = [fit(quantizer, x.select(dim, i)) for i in range(x.shape[dim])]
+    shape = quantizer.lower.shape
+    return torch.stack([p[0] for p in pairs]).reshape(shape), torch.stack([p[1] for p in pairs]).reshape(shape)
+
+
+def check_patches(patches: torch.Tensor) -> None:
+    """ValueError, naming the fix, for calibration patches with NaN or inf values."""
+    if not torch.isfinite(patches).all():
+        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
 
 
 @torch.no_grad()
@@ -200,8 +226,7 @@ def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuan
     """One FP pass of ``patches`` (N, 3, h, w) with every quantizer in observe mode:
     ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
     (q/k/v input quantizers get the same tensor object); nothing else is kept."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+    check_patches(patches)
     named = [q for _, q in quantizers(qmodel)]
     for quantizer in named:
         quantizer.observer = observe
@@ -212,6 +237,21 @@ def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuan
         set_mode(qmodel, "quantize")
         for quantizer in named:
             quantizer.observer = None
+
+
+@torch.no_grad()
+def sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Module],
+               before: Callable[[nn.Module, tuple], tuple | None]) -> None:
+    """Sequential calibration's pass: one forward of ``patches`` (N, 3, h, w) with the quantizers as they
+    are (quantizing), ``before(module, inputs)`` run on each of ``modules`` just before it runs, so that
+    it sees the already quantized tensors upstream; as a forward pre-hook, it may return new inputs."""
+    check_patches(patches)
+    handles = [module.register_forward_pre_hook(before) for module in modules]
+    try:
+        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:

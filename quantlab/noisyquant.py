@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import seeded_positions
+from .calibrate import check_patches, seeded_positions, sequential
 from .quant import (FakeQuantizer, QuantLinear, QuantMatMul, SplitQuantLinear,
                     fake_quantize, quantize_alike, quantizers)
 from .swinir import has_hooks
@@ -105,7 +105,12 @@ class NoisyQuantizer(FakeQuantizer):
         if self.mode == "observe":
             self.observer(self, x + self.bias)
             return x
-        return fake_quantize(x + self.bias, self.lower, self.upper, self.bits)
+        return self.quantize_values(x + self.bias)
+
+    def describe(self) -> str:
+        noise = self.bias.detach()
+        return (f"uniform on x + N: {2**self.bits} levels on [l, u] for x + N, N per input channel in "
+                f"[{noise.min().item():.3g}, {noise.max().item():.3g}] (the layer removes N through its bias)")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, noise={self.noise.numel()} channels"
@@ -343,25 +348,11 @@ def search_noise(layer: nn.Module, x: torch.Tensor, settings: Mapping, generator
         part.act.set_noise(mean, noise)
 
 
-def _sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Module],
-                search: Callable[[nn.Module, tuple], None]) -> None:
-    """One forward of ``patches`` with every quantizer quantizing; ``search(module, inputs)`` runs on each
-    of ``modules`` just before it does (so it sees the already quantized upstream)."""
-    handles = [m.register_forward_pre_hook(lambda module, args: search(module, args)) for m in modules]
-    try:
-        with torch.no_grad():
-            qmodel.eval()(patches.to(next(qmodel.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def calibrate(qmodel: nn.Module, patches: torch.Tensor, settings: Mapping) -> nn.Module:
     """NoisyQuant of a :func:`prepare`-d model (in place), sequential. ``passes`` 2 (the official code):
     pass 1 sets every quantizer's range, pass 2 every noisy layer's N; 1: each layer's ranges then its N
     as its input arrives (one quantized forward fewer). ``patches``: (N, 3, h, w) LR inputs in [0, 1]."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
+    check_patches(patches)
     if settings["passes"] not in PASSES:
         raise ValueError(f"passes must be one of {PASSES}, got {settings['passes']!r}")
     blocks = [block for layer in qmodel.layers for block in layer.blocks]
@@ -381,9 +372,9 @@ def calibrate(qmodel: nn.Module, patches: torch.Tensor, settings: Mapping) -> nn
         if one_pass:
             search_noise(module, args[0], settings, generator)
 
-    _sequential(qmodel, patches, linears + matmuls, ranges)
+    sequential(qmodel, patches, linears + matmuls, ranges)
     if not one_pass:
-        _sequential(qmodel, patches, linears, lambda module, args: search_noise(module, args[0], settings, generator))
+        sequential(qmodel, patches, linears, lambda module, args: search_noise(module, args[0], settings, generator))
     return qmodel
 
 

@@ -23,9 +23,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from torch import nn  # noqa: E402
 
 from .analysis import TensorSample, location, representative_names  # noqa: E402
 from .methods import labels as method_labels  # noqa: E402
+from .quant import FakeQuantizer, quantizers  # noqa: E402
 from .methods import names as registry_names  # noqa: E402
 
 SHAPE_COLORS = {"symmetric": "tab:blue", "one-sided": "tab:orange"}
@@ -47,13 +49,17 @@ def save_figure(fig: Figure, folder: str | Path, name: str, pdf: bool = True, dp
     return paths
 
 
-def _histogram(ax: plt.Axes, sample: TensorSample, shape: str | None = None, title: str | None = None) -> None:
-    """Histogram of one tensor (density, log y), its exact [min, max] marked and written, its class in the title."""
+def _histogram(ax: plt.Axes, sample: TensorSample, shape: str | None = None, title: str | None = None,
+               quantizer: FakeQuantizer | None = None) -> None:
+    """Histogram of one tensor (density, log y), its exact [min, max] marked and written, its class in the
+    title, and the levels of ``quantizer`` (:func:`draw_levels`) when given."""
     values = sample.values.numpy()
     color = SHAPE_COLORS.get(shape, "tab:gray")
     counts, edges = np.histogram(values, bins=BINS)
     ax.stairs(counts, edges, fill=True, color=color, alpha=0.85)  # one artist: far faster than ax.hist
     ax.set_yscale("symlog", linthresh=1)
+    if quantizer is not None:
+        draw_levels(ax, quantizer, span=(edges[0], edges[-1]))
     for edge in (sample.min, sample.max):
         ax.axvline(edge, color="k", lw=0.8, ls="--")
     ax.text(0.5, 0.97, f"[{sample.min:.3g}, {sample.max:.3g}]", transform=ax.transAxes, va="top", ha="center", fontsize=7,
@@ -63,23 +69,45 @@ def _histogram(ax: plt.Axes, sample: TensorSample, shape: str | None = None, tit
     ax.tick_params(labelsize=6)
 
 
+def draw_levels(ax: plt.Axes, quantizer: FakeQuantizer, span: tuple[float, float] | None = None) -> None:
+    """The levels of ``quantizer`` (:meth:`~quantlab.quant.FakeQuantizer.levels`, every group's) as red
+    vertical lines on ``ax``, and the values outside [lowest, highest level] shaded grey up to the edges of
+    ``span`` (the data range; default the axes' current x limits), which become the x limits."""
+    levels = quantizer.levels().detach().cpu().double()
+    points = levels.flatten().unique().numpy()
+    lo, hi = float(levels[:, 0].min()), float(levels[:, -1].max())
+    x_min, x_max = span if span is not None else ax.get_xlim()
+    x_min, x_max = min(x_min, lo), max(x_max, hi)
+    ax.vlines(points, 0, 1, transform=ax.get_xaxis_transform(), colors="tab:red",
+              linewidth=0.8 if len(points) <= 32 else 0.3, alpha=0.8)
+    ax.axvspan(x_min, lo, color="grey", alpha=0.25, lw=0)
+    ax.axvspan(hi, x_max, color="grey", alpha=0.25, lw=0)
+    ax.set_xlim(x_min, x_max)
+
+
 def _shapes(table: pd.DataFrame | None) -> dict[str, str]:
     return {} if table is None else dict(zip(table["name"], table["shape"]))
 
 
+def _quantizers(quantized: nn.Module | None) -> dict[str, FakeQuantizer]:
+    return {} if quantized is None else dict(quantizers(quantized))
+
+
 def distribution_grid(samples: Mapping[str, TensorSample], table: pd.DataFrame | None = None,
-                      names: Mapping[str, Sequence[str]] | None = None) -> Figure:
+                      names: Mapping[str, Sequence[str]] | None = None, quantized: nn.Module | None = None) -> Figure:
     """2DQuant Fig. 4: row 1 activations, row 2 weights of one block (default
-    :func:`quantlab.analysis.representative_names`), range marked, class (from ``table``) in the title."""
+    :func:`quantlab.analysis.representative_names`), range marked, class (from ``table``) in the title;
+    with a calibrated ``quantized`` model, the levels of its quantizer of each tensor (its own type:
+    uniform, twin-uniform, log-sqrt(2), ...) drawn over the histogram."""
     names = names or representative_names(samples)
     rows = [row for row in names.values() if row]
     cols = max(len(row) for row in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(3 * cols, 2.6 * len(rows)), squeeze=False)
-    shapes = _shapes(table)
+    shapes, levels = _shapes(table), _quantizers(quantized)
     for r, row in enumerate(rows):
         for c in range(cols):
             if c < len(row):
-                _histogram(axes[r, c], samples[row[c]], shapes.get(row[c]))
+                _histogram(axes[r, c], samples[row[c]], shapes.get(row[c]), quantizer=levels.get(row[c]))
             else:
                 axes[r, c].set_visible(False)
     fig.suptitle("Representative weight and activation distributions (2DQuant Fig. 4)")
@@ -88,11 +116,11 @@ def distribution_grid(samples: Mapping[str, TensorSample], table: pd.DataFrame |
 
 
 def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None = None,
-                 layers: Iterable[int] | None = None) -> dict[str, Figure]:
+                 layers: Iterable[int] | None = None, quantized: nn.Module | None = None) -> dict[str, Figure]:
     """2DQuant Figs. 7-11: one page per (RSTB, weights | activations), one row per Swin block, one
-    histogram per quantizer; ``layers``: the RSTBs to draw (default all; a page takes seconds to write).
-    Keys: ``layer<i>_weights`` / ``layer<i>_activations``."""
-    shapes = _shapes(table)
+    histogram per quantizer; ``layers``: the RSTBs to draw (default all; a page takes seconds to write);
+    ``quantized``: as in :func:`distribution_grid`. Keys: ``layer<i>_weights`` / ``layer<i>_activations``."""
+    shapes, levels = _shapes(table), _quantizers(quantized)
     layers = None if layers is None else set(layers)
     pages: dict[str, dict[int, list[str]]] = {}
     for name, sample in samples.items():
@@ -109,7 +137,8 @@ def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None
             for c in range(cols):
                 if c < len(block_names):
                     name = block_names[c]
-                    _histogram(axes[r, c], samples[name], shapes.get(name), f"block {block}: {location(name)['tensor']}")
+                    _histogram(axes[r, c], samples[name], shapes.get(name), f"block {block}: {location(name)['tensor']}",
+                               levels.get(name))
                 else:
                     axes[r, c].set_visible(False)
         fig.suptitle(page.replace("_", " "))

@@ -120,6 +120,9 @@ class HeadQuantizer(FakeQuantizer):
     def extra_repr(self) -> str:
         return f"kind={self.kind}, bits={self.bits}, {self.lower.shape[0]} heads, mode={self.mode}"
 
+    def describe(self) -> str:
+        return f"uniform per head: {2**self.bits} levels on each head's [l, u] ({self.lower.shape[0]} heads)"
+
 
 class TwinGeluQuantizer(FakeQuantizer):
     """Post-GELU twin (:func:`twin_gelu`) with Δ- = -l / 2^(b-1) and Δ+ = u / (2^(b-1)-1)."""
@@ -129,10 +132,23 @@ class TwinGeluQuantizer(FakeQuantizer):
         half = 2 ** (self.bits - 1)
         return -self.lower / half, self.upper / (half - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("twin-uniform levels (two steps, negative and positive): MinMax/DOBI fit one "
+                               "uniform grid; PTQ4ViT's Hessian-guided search sets them")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         return straight_through(x, twin_gelu(x, *self.steps(), self.bits), self.lower, self.upper)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """-k Δ- (k = 2^(b-1)..1), then k Δ+ (k = 0..2^(b-1)-1): (1, 2^b)."""
+        neg_step, pos_step = (step.detach().reshape(()) for step in self.steps())
+        codes = torch.arange(2 ** (self.bits - 1), dtype=neg_step.dtype, device=neg_step.device)
+        return torch.cat([-(codes + 1).flip(0) * neg_step, codes * pos_step])[None]
+
+    def describe(self) -> str:
+        neg_step, pos_step = (float(step.detach()) for step in self.steps())
+        return (f"twin-uniform post-GELU: {2 ** (self.bits - 1)} levels of step {neg_step:.3g} below 0, "
+                f"{2 ** (self.bits - 1)} of step {pos_step:.3g} from 0")
 
 
 class TwinSoftmaxQuantizer(FakeQuantizer):
@@ -147,10 +163,30 @@ class TwinSoftmaxQuantizer(FakeQuantizer):
         self.set_bounds(0.0, 1.0)
         self.register_buffer("split", torch.ones(1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("twin-uniform levels on [0, t] and [0, 1]: the split t, not the bounds, sets them "
+                               "(PTQ4ViT's search); MinMax/DOBI fit one uniform grid")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         return straight_through(x, twin_softmax(x, self.split, self.bits, self.combine), self.lower, self.upper)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """With top = 2^(b-1) - 1, r = round(t top) and r+ = floor(t top + 1/2) (the R2 code of inputs just
+        above t): ``select``: k t / top (k = 0..top) and the R2 levels k / top (k = r+..top) that inputs above
+        t reach; ``sum``: r / top + k t / top (inputs <= t) and k / top + t (k = r+..top, inputs above t).
+        Ascending, (1, L)."""
+        top = 2 ** (self.bits - 1) - 1
+        split = self.split.detach().reshape(())
+        codes = torch.arange(top + 1, dtype=split.dtype, device=split.device)
+        reached = int(torch.floor(split * top + 0.5))
+        low, high = codes * split / top, codes[reached:] / top
+        if self.combine == "sum":
+            low, high = low + torch.round(split * top) / top, high + split
+        return torch.cat([low, high]).unique()[None]
+
+    def describe(self) -> str:
+        return (f"twin-uniform post-softmax ({self.combine}): {2 ** (self.bits - 1)} levels on [0, t], "
+                f"t = {self.split.item():.3g}, and {2 ** (self.bits - 1)} on [0, 1]")
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, bits={self.bits}, split={self.split.item():.4g}, {self.combine}, mode={self.mode}"

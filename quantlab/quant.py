@@ -136,10 +136,16 @@ class FakeQuantizer(nn.Module):
     def per_channel(self) -> bool:
         return self.lower.shape != (1,)
 
+    # Why MinMax/Percentile/DOBI (which fit Eq. 1's uniform grid on [l, u]) do not set this quantizer's
+    # levels, or None when they do: set by the quantizer types whose levels are not that grid.
+    uniform_fit_unsupported: str | None = None
+
     def set_bounds(self, lower: torch.Tensor | float, upper: torch.Tensor | float) -> None:
+        """Set (l, u): tensors of the bounds' size (reshaped to their shape) or one value for every group."""
         with torch.no_grad():
-            self.lower.copy_(torch.as_tensor(lower).reshape(self.lower.shape))
-            self.upper.copy_(torch.as_tensor(upper).reshape(self.upper.shape))
+            for bound, value in ((self.lower, lower), (self.upper, upper)):
+                value = torch.as_tensor(value)
+                bound.copy_(value.reshape(bound.shape) if value.numel() == bound.numel() else value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -147,7 +153,24 @@ class FakeQuantizer(nn.Module):
         if self.mode == "observe":
             self.observer(self, x)
             return x
+        return self.quantize_values(x)
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
+        """x_q of a tensor as this quantizer sees it (as its observer gets it): Eq. 1 on [l, u]."""
         return fake_quantize(x, self.lower, self.upper, self.bits)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """The values x_q can take, ascending, one row per group of bounds: (groups, L); here Eq. 1's
+        2^b levels l + k (u - l) / (2^b - 1), k = 0..2^b - 1 (u repaired as the quantizer runs it)."""
+        lower = self.lower.detach().reshape(-1, 1)
+        upper = repaired_upper(lower, self.upper.detach().reshape(-1, 1))
+        weights = torch.arange(2**self.bits, dtype=lower.dtype, device=lower.device) / (2**self.bits - 1)
+        return torch.lerp(lower, upper, weights)  # exactly l and u at the ends
+
+    def describe(self) -> str:
+        """One line on what the levels are."""
+        return f"uniform: {2**self.bits} levels on [l, u] (Eq. 1)"
 
     @torch.no_grad()
     def clipped_fraction(self, x: torch.Tensor) -> float:
@@ -329,9 +352,15 @@ def set_mode(model: nn.Module, mode: str) -> None:
 
 
 def bounds_table(model: nn.Module):
-    """A pandas DataFrame of every quantizer: name, kind, bits, lower, upper (per-tensor bounds)."""
+    """A pandas DataFrame of every quantizer: name, kind, bits, lower, upper (per-tensor bounds; per group:
+    the smallest lower, the largest upper), its lowest and highest level (:meth:`FakeQuantizer.levels`)
+    and ``quantizer`` (:meth:`FakeQuantizer.describe`)."""
     import pandas as pd
 
-    return pd.DataFrame([{"name": name, "kind": q.kind, "bits": q.bits,
-                          "lower": q.lower.detach().min().item(), "upper": q.upper.detach().max().item()}
-                         for name, q in quantizers(model)])
+    rows = []
+    for name, q in quantizers(model):
+        levels = q.levels()
+        rows.append({"name": name, "kind": q.kind, "bits": q.bits, "lower": q.lower.detach().min().item(),
+                     "upper": q.upper.detach().max().item(), "lowest_level": levels[:, 0].min().item(),
+                     "highest_level": levels[:, -1].max().item(), "quantizer": q.describe()})
+    return pd.DataFrame(rows)

@@ -92,10 +92,21 @@ class LogSqrt2Quantizer(FakeQuantizer):
         super().__init__(kind, bits)
         self.set_bounds(0.0, 1.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("log-sqrt(2) levels s 2^(-k/2): only u = s matters; MinMax/DOBI fit a uniform grid "
+                               "(RepQ-ViT's percentile-MSE search sets s)")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         return log_sqrt2_quantize(x, self.upper, self.bits)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """0 and s 2^(-k/2), k = 2^b - 1..0: (1, 2^b + 1), ascending."""
+        scale = self.upper.detach().reshape(())
+        codes = torch.arange(2**self.bits - 1, -1, -1, dtype=scale.dtype, device=scale.device)
+        return torch.cat([scale.new_zeros(1), scale * torch.exp2(-codes / 2)])[None]
+
+    def describe(self) -> str:
+        return f"log-sqrt(2): 0 and s 2^(-k/2), k = 0..{2**self.bits - 1}, s = {self.upper.item():.3g}"
 
 
 class ZeroGridQuantizer(FakeQuantizer):
@@ -103,11 +114,23 @@ class ZeroGridQuantizer(FakeQuantizer):
     clamp(D round(x / D), l, u), D = (u - l) / (2^b - 1), the grid anchored at 0, not at l (which Eq. 1
     anchors at l). With z = -l / D this is (clamp(round(x / D) + z, 0, 2^b - 1) - z) D, as released."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode != "quantize":
-            return super().forward(x)
+    uniform_fit_unsupported = ("levels anchored at 0, not at l (the official fractional zero point): MinMax/DOBI "
+                               "score Eq. 1's grid anchored at l")
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         step = (self.upper - self.lower) / (2**self.bits - 1)
         return torch.clamp(torch.round(x / step) * step, self.lower, self.upper)
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """l, the multiples k D inside (l, u), and u: (1, L), ascending."""
+        lower, upper = self.lower.detach().reshape(()), self.upper.detach().reshape(())
+        step = (upper - lower) / (2**self.bits - 1)
+        codes = torch.arange(int(torch.ceil(lower / step)), int(torch.floor(upper / step)) + 1, device=step.device)
+        return torch.cat([lower[None], codes.to(step.dtype) * step, upper[None]]).clamp(lower, upper).unique()[None]
+
+    def describe(self) -> str:
+        return f"uniform anchored at 0 (official RepQ fold): multiples of (u - l) / {2**self.bits - 1} in [l, u], and l, u"
 
 
 def settings(preset: str) -> dict:
@@ -235,8 +258,6 @@ def calibrate_sequential(qmodel: nn.Module, patches: torch.Tensor, percentiles: 
     """One pass of ``patches`` (N, 3, h, w) with every quantizer quantizing, each fitted (:func:`fit`) on
     the first tensor it sees, i.e. on the quantized outputs upstream. The qkv and fc1 inputs are
     quantized per channel (last dim); their per-channel bounds ((C,), (C,)) are returned by quantizer."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
     per_channel = {linear.act for _, linears in folded_pairs(qmodel) for linear in linears}
     found: dict[FakeQuantizer, tuple[torch.Tensor, torch.Tensor]] = {}
     last: dict = {}  # the last per-channel input: q, k and v get the same tensor
@@ -253,14 +274,11 @@ def calibrate_sequential(qmodel: nn.Module, patches: torch.Tensor, percentiles: 
         return (last["out"],)  # the quantizer is off: it passes the per-channel quantized tensor on
 
     set_mode(qmodel, "quantize")
-    handles = [q.register_forward_pre_hook(first_input) for _, q in quantizers(qmodel)]
     for quantizer in per_channel:
         quantizer.mode = "off"
     try:
-        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
+        calibrate.sequential(qmodel, patches, [q for _, q in quantizers(qmodel)], first_input)
     finally:
-        for handle in handles:
-            handle.remove()
         set_mode(qmodel, "quantize")
     return found
 

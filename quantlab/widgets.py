@@ -9,11 +9,19 @@ scores bits and bounds on the cached sample (MSE, clipped fraction) and
 :func:`explorer` wraps it in ipywidgets: a tensor dropdown, a bits slider (2-8), a bounds range
 slider that starts at MinMax, buttons snapping the bounds to MinMax, DOBI (``dobi_search`` at the
 current bits) and DQC (a quantized-model file or model, optional), the histogram with the
-quantization grid, and labels with the MSE, clipped fraction and PSNR (CSS classes
+quantizer's levels, and labels with the MSE, clipped fraction and PSNR (CSS classes
 ``quantlab-mse``, ``quantlab-clipped``, ``quantlab-psnr``; the bits slider has ``quantlab-bits``).
+
+Given a quantized model (any method), the explorer works on a copy of it, so each tensor has that
+model's quantizer type (PTQ4ViT's twin-uniform and per-head ones, RepQ-ViT's log-sqrt(2), NoisyQuant's
+noisy ones, with their calibrated split, noise, folded weights): statistics, SR crop and histogram
+use the quantizer's own quantization and :meth:`~quantlab.quant.FakeQuantizer.levels`; the MinMax and
+DOBI snaps are off, with the quantizer's stated reason, where its levels are not a uniform grid on [l, u].
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import math
 from collections import OrderedDict
@@ -29,13 +37,13 @@ from PIL import Image
 from torch import nn
 
 from .analysis import collect_tensors
-from .calibrate import DOBI_MODES, dobi_grid, dobi_search, is_one_sided, quantization_error
+from .calibrate import DOBI_MODES, dobi_grid, dobi_search, is_one_sided
 from .checkpoints import as_model
 from .data import calibration_patches
 from .evaluation import super_resolve
 from .metrics import psnr
-from .quant import (MAX_BITS, MIN_BITS, POST_GELU, QuantConfig, check_bits, quantize, quantizers, repaired_upper,
-                    set_mode)
+from .plots import draw_levels
+from .quant import MAX_BITS, MIN_BITS, POST_GELU, FakeQuantizer, QuantConfig, check_bits, quantize, quantizers, set_mode
 from .visual import find_image
 
 SAMPLE = 2**15  # cached elements per quantized tensor (drawn uniformly at random, seeded)
@@ -61,8 +69,9 @@ class QuantizerExplorer:
     ``patches``: the calibration batch (default ``calibration_patches(n, 48)`` from the training
     images); ``dataset``/``image``/``crop``: the benchmark image and the LR crop size (centred, or at
     LR ``top``/``left``); ``quantized``: a quantized-model file (``quantlab quantize --out``) or
-    ``qmodel``: a quantized model, whose bounds the DQC snap uses. ``dobi_mode``: ``paper`` (one-sided
-    for post-softmax/GELU) or ``release``.
+    ``qmodel``: a quantized model, whose bounds the DQC snap uses and whose structure (quantizer types,
+    calibrated noise/split/folded weights) the explorer copies; without one, a plain :func:`quantize`
+    copy. ``dobi_mode``: ``paper`` (one-sided for post-softmax/GELU) or ``release``.
     """
 
     def __init__(self, model: nn.Module | str | Path, patches: torch.Tensor | None = None, dataset: str = "Set5",
@@ -79,7 +88,9 @@ class QuantizerExplorer:
             qmodel = load_quantized(quantized, self.model)
         self.reference = dict(quantizers(qmodel)) if qmodel is not None else {}
         self.lr, self.hr = self._crop(find_image(dataset, image, self.scale), crop, top, left)
-        self.qmodel = quantize(self.model, QuantConfig(bits=4))
+        device = next(self.model.parameters()).device
+        self.qmodel = (quantize(self.model, QuantConfig(bits=4)) if qmodel is None
+                       else copy.deepcopy(qmodel).to(device))
         self.quantizers = dict(quantizers(self.qmodel))
         if patches is None:
             patches = calibration_patches(n=n_patches, size=48, scale=self.scale)
@@ -108,18 +119,33 @@ class QuantizerExplorer:
 
     @property
     def default_tensor(self) -> str:
-        """The first post-GELU tensor (fc2 input, asymmetric: where the bounds matter), else the first."""
-        return next((n for n in self.names if self.kind(n) == POST_GELU), self.names[0])
+        """The first post-GELU tensor (fc2 input, asymmetric: where the bounds matter) whose bounds the
+        snaps can set, else the first such tensor, else the first."""
+        snappable = [n for n in self.names if self.snap_unavailable(n) is None] or self.names
+        return next((n for n in snappable if self.kind(n) == POST_GELU), snappable[0])
 
     def kind(self, name: str) -> str:
         return self.tensors[name].kind
+
+    def snap_unavailable(self, name: str) -> str | None:
+        """Why MinMax/DOBI bounds do not set the levels of quantizer ``name`` (its type's
+        ``uniform_fit_unsupported``), or None when they do."""
+        return self.quantizers[name].uniform_fit_unsupported
+
+    def describe(self, name: str) -> str:
+        """What the levels of quantizer ``name`` are (:meth:`~quantlab.quant.FakeQuantizer.describe`)."""
+        return self.quantizers[name].describe()
 
     def minmax_bounds(self, name: str) -> tuple[float, float]:
         t = self.tensors[name]
         return t.min, t.max
 
     def dobi_bounds(self, name: str, bits: int) -> tuple[float, float]:
-        """``calibrate.dobi_search`` at ``bits`` on the cached sample (one-sided as ``dobi_mode`` says)."""
+        """``calibrate.dobi_search`` at ``bits`` on the cached sample (one-sided as ``dobi_mode`` says);
+        ValueError with the reason for a quantizer whose levels DOBI does not set (:meth:`snap_unavailable`)."""
+        reason = self.snap_unavailable(name)
+        if reason is not None:
+            raise ValueError(f"no DOBI bounds for {name}: {reason}")
         symmetric = not is_one_sided(self.quantizers[name], self.dobi_mode)
         lower, upper = dobi_search(self.tensors[name].values, bits, symmetric=symmetric, grid=dobi_grid(self.dobi_mode))
         return float(lower), float(upper)
@@ -136,21 +162,37 @@ class QuantizerExplorer:
     def has_dqc(self) -> bool:
         return bool(self.reference)
 
+    @contextlib.contextmanager
+    def _setting(self, name: str, bits: int, lower: float, upper: float):
+        """Quantizer ``name`` at ``bits`` with bounds (lower, upper) for every group, inside the block;
+        its bits and bounds are restored after."""
+        quantizer = self.quantizers[name]
+        saved = quantizer.bits, quantizer.lower.detach().clone(), quantizer.upper.detach().clone()
+        quantizer.bits = check_bits(bits)
+        quantizer.set_bounds(lower, upper)
+        try:
+            yield quantizer
+        finally:
+            quantizer.bits = saved[0]
+            quantizer.set_bounds(saved[1], saved[2])
+
     def tensor_stats(self, name: str, bits: int, lower: float, upper: float) -> dict:
-        """Quantization of the cached sample of tensor ``name`` with Eq. 1 at (bits, lower, upper):
-        ``mse`` (mean squared error), ``clipped_fraction`` (elements outside [l, u]), ``step``,
-        ``levels``, ``sqnr_db`` (signal power over MSE) and the tensor's ``min``/``max``/``numel``."""
-        check_bits(bits)
+        """Quantization of the cached sample of tensor ``name`` by its quantizer at (bits, lower, upper)
+        (Eq. 1 for a uniform one): ``mse`` (mean squared error), ``clipped_fraction`` (elements outside the
+        lowest and highest level), ``step`` (smallest gap between levels), ``levels`` (their number),
+        ``sqnr_db`` (signal power over MSE), ``description`` and the tensor's ``min``/``max``/``numel``."""
         t = self.tensors[name]
         x = t.values
-        lo = torch.tensor([lower], dtype=x.dtype)
-        hi = repaired_upper(lo, torch.tensor([upper], dtype=x.dtype))
-        mse = float(quantization_error(x, lo, hi, bits)[0]) / x.numel()
+        with self._setting(name, bits, lower, upper) as quantizer:
+            x_q = quantize_sample(quantizer, x)
+            levels = quantizer.levels()
+        lo, hi = levels[:, 0].min(), levels[:, -1].max()
+        mse = float((x_q - x).square().mean())
         power = float(x.square().mean())
         return {"mse": mse, "clipped_fraction": float(((x < lo) | (x > hi)).float().mean()),
-                "step": float(hi - lo) / (2**bits - 1), "levels": 2**bits, "lower": float(lo), "upper": float(hi),
-                "sqnr_db": 10 * math.log10(power / mse) if mse > 0 and power > 0 else float("inf"),
-                "min": t.min, "max": t.max, "numel": t.numel}
+                "step": float(levels.diff(dim=1).min()), "levels": levels.shape[1], "lower": float(lo),
+                "upper": float(hi), "sqnr_db": 10 * math.log10(power / mse) if mse > 0 and power > 0 else float("inf"),
+                "description": self.describe(name), "min": t.min, "max": t.max, "numel": t.numel}
 
     @torch.no_grad()
     def sr_psnr(self, name: str, bits: int, lower: float, upper: float) -> tuple[np.ndarray, float]:
@@ -160,17 +202,12 @@ class QuantizerExplorer:
         if key in self._sr:
             self._sr.move_to_end(key)
             return self._sr[key]
-        quantizer = self.quantizers[name]
-        saved = quantizer.bits, quantizer.lower.detach().clone(), quantizer.upper.detach().clone()
-        quantizer.bits = bits
-        quantizer.set_bounds(lower, upper)
-        quantizer.mode = "quantize"
-        try:
-            sr = super_resolve(self.qmodel, self.lr)
-        finally:
-            quantizer.mode = "off"
-            quantizer.bits = saved[0]
-            quantizer.set_bounds(saved[1], saved[2])
+        with self._setting(name, bits, lower, upper) as quantizer:
+            quantizer.mode = "quantize"
+            try:
+                sr = super_resolve(self.qmodel, self.lr)
+            finally:
+                quantizer.mode = "off"
         self._sr[key] = (sr, psnr(sr, self.hr, self.scale))
         if len(self._sr) > SR_CACHE:
             self._sr.popitem(last=False)
@@ -180,8 +217,10 @@ class QuantizerExplorer:
                      bits: Iterable[int] = range(MIN_BITS, MAX_BITS + 1)) -> pd.DataFrame:
         """Tensor ``name`` (default :attr:`default_tensor`) at each bit width with MinMax and DOBI
         bounds: one row per (bits, bounds) with lower, upper, mse, clipped_fraction and psnr (dB, the
-        SR crop with only this quantizer on)."""
+        SR crop with only this quantizer on). ValueError for a tensor without those snaps (:meth:`snap_unavailable`)."""
         name = name or self.default_tensor
+        if self.snap_unavailable(name) is not None:
+            raise ValueError(f"no MinMax/DOBI summary for {name}: {self.snap_unavailable(name)}")
         rows = []
         for b in bits:
             for method, (lower, upper) in (("minmax", self.minmax_bounds(name)), ("dobi", self.dobi_bounds(name, b))):
@@ -200,26 +239,30 @@ class QuantizerExplorer:
         return self._histograms[name]
 
     def figure(self, name: str, bits: int, lower: float, upper: float) -> Figure:
-        """Histogram of the tensor (log10(1 + count), linear axes: cheap to draw) with the 2^bits
-        quantization levels and the clipped regions shaded. A plain Figure (no pyplot state)."""
+        """Histogram of the tensor (log10(1 + count), linear axes: cheap to draw) with the levels of its
+        quantizer at (bits, lower, upper) (:func:`quantlab.plots.draw_levels`), the values beyond the
+        lowest and highest level shaded. A plain Figure (no pyplot state)."""
         counts, edges = self.histogram(name)
-        lo = float(lower)
-        hi = float(repaired_upper(torch.tensor(lo), torch.tensor(float(upper))))
-        fig = Figure(figsize=(6.4, 2.6))
-        fig.subplots_adjust(left=0.09, right=0.98, bottom=0.17, top=0.89)
-        ax = fig.add_subplot()
-        ax.stairs(np.log10(1 + counts), edges, fill=True, color="tab:blue", alpha=0.7)
-        ax.vlines(np.linspace(lo, hi, 2**bits), 0, 1, transform=ax.get_xaxis_transform(), colors="tab:red",
-                  linewidth=0.8 if bits <= 5 else 0.3, alpha=0.8)
-        x_min, x_max = min(edges[0], lo), max(edges[-1], hi)
-        ax.axvspan(x_min, lo, color="grey", alpha=0.25, lw=0)
-        ax.axvspan(hi, x_max, color="grey", alpha=0.25, lw=0)
-        ax.set_xlim(x_min, x_max)
-        ax.set_title(f"{name} ({self.kind(name)}), {bits} bits", fontsize=9)
+        with self._setting(name, bits, lower, upper) as quantizer:
+            fig = Figure(figsize=(6.4, 2.8))
+            fig.subplots_adjust(left=0.09, right=0.98, bottom=0.17, top=0.84)
+            ax = fig.add_subplot()
+            ax.stairs(np.log10(1 + counts), edges, fill=True, color="tab:blue", alpha=0.7)
+            draw_levels(ax, quantizer, span=(edges[0], edges[-1]))
+            ax.set_title(f"{name} ({self.kind(name)}), {bits} bits\n{quantizer.describe()}", fontsize=8)
         ax.set_xlabel("value", fontsize=8)
         ax.set_ylabel("log10(1 + count)", fontsize=8)
         ax.tick_params(labelsize=7)
         return fig
+
+
+def quantize_sample(quantizer: FakeQuantizer, values: torch.Tensor) -> torch.Tensor:
+    """``quantizer.quantize_values`` of a 1-D sample (M,) of its tensor, with the sample shaped to broadcast
+    against the quantizer's bounds and the first group's result kept (every group has the same bounds
+    in the explorer): (M,)."""
+    shaped = values.reshape(*[1] * (quantizer.lower.dim() - 1), -1)
+    with torch.no_grad():
+        return quantizer.quantize_values(shaped).reshape(-1, values.numel())[0]
 
 
 def _slider_range(logic: QuantizerExplorer, name: str) -> tuple[float, float]:
@@ -257,6 +300,8 @@ class ExplorerWidget(w.VBox):
             ("MinMax", "min and max of the tensor on the calibration batch"),
             ("DOBI", "DOBI bound search (2DQuant) at the current bits"),
             ("DQC", "bounds (and bits) of the quantized model given to the explorer"))}
+        self.note = w.HTML()  # the quantizer's levels, and why the snaps are off where they are
+        self.note.add_class("quantlab-note")
         self.mse = w.HTML(description="MSE")
         self.clipped = w.HTML(description="clipped")
         self.psnr = w.HTML(description="PSNR")
@@ -271,7 +316,7 @@ class ExplorerWidget(w.VBox):
                                                      layout=w.Layout(width=side, height=side))])
                       for label, image in ((f"FP: {logic.fp_psnr:.2f} dB", logic.fp_sr), ("HR", logic.hr))]
         top = w.Layout(align_items="flex-start")
-        super().__init__([self.tensor, self.bits, self.bounds, w.HBox(list(self.buttons.values())),
+        super().__init__([self.tensor, self.bits, self.bounds, w.HBox(list(self.buttons.values())), self.note,
                           w.HBox([self.mse, self.clipped, self.psnr]),
                           w.HBox([self.histogram, w.VBox([self.sr_title, self.sr])], layout=top),
                           w.HBox(references, layout=top)])
@@ -298,6 +343,10 @@ class ExplorerWidget(w.VBox):
         finally:
             self._quiet = False
         self.buttons["DQC"].disabled = self.logic.dqc_bounds(name) is None
+        reason = self.logic.snap_unavailable(name)
+        for label in ("MinMax", "DOBI"):
+            self.buttons[label].disabled = reason is not None
+        self.note.value = self.logic.describe(name) + ("" if reason is None else f"<br>MinMax/DOBI snaps off: {reason}")
         self.update()
 
     def snap(self, method: str) -> None:

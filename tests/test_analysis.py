@@ -197,3 +197,27 @@ def test_crop_comparison_returns_the_box_it_used(monkeypatch, tmp_path):
     assert comparison.crops["Bicubic"][0].shape == (48, 48, 3) and list(comparison.crops) == ["HR", "Bicubic"]
     figure = plots.plot_crops(comparison.crops, comparison.hr, comparison.box)
     assert figure.axes[0].patches[0].get_xy() == (left, top)
+
+
+def test_distribution_figures_and_bound_table_show_each_quantizers_own_levels(fp_model, patches, samples):
+    """With a PTQ4ViT / RepQ-ViT model, the histograms carry that model's levels (twin-uniform, log-sqrt(2)),
+    not a uniform grid on [l, u], and the bound percentiles say which quantizer each row is."""
+    from matplotlib.collections import LineCollection
+
+    from quantlab.pipeline import quantize_with
+
+    models = {name: quantize_with(fp_model, name, 3, patches=patches, progress=False) for name in ("ptq4vit", "repq_vit")}
+    softmax = "layers.0.blocks.1.attn.matmul_av.attn"
+    column = analysis.representative_names(samples)["activation"].index(softmax)
+    for qmodel in models.values():
+        levels = dict(quantizers(qmodel))[softmax].levels()[0].numpy()
+        ax = plots.distribution_grid(samples, quantized=qmodel).axes[column]
+        lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+        drawn = sorted(segment[0][0] for c in lines for segment in c.get_segments())
+        assert drawn == pytest.approx(levels.tolist(), abs=1e-7)
+        assert not (len(drawn) == 8 and drawn == pytest.approx(list(torch.linspace(levels[0], levels[-1], 8))))
+    assert len(plots.layer_sheets(samples, quantized=models["repq_vit"], layers=[0])) == 2
+    percentiles = analysis.bound_percentiles(samples, models).set_index(["name", "method"])["quantizer"]
+    assert percentiles[(softmax, "ptq4vit")].startswith("twin-uniform post-softmax")
+    assert percentiles[(softmax, "repq_vit")].startswith("log-sqrt(2)")
+    assert percentiles[("layers.0.blocks.1.mlp.fc1.act", "repq_vit")].startswith("uniform")

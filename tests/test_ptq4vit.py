@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantlab import methods
+from quantlab import calibrate, methods
 from quantlab import ptq4vit as P
 from quantlab.checkpoints import load_model
 from quantlab.cli import main
@@ -106,6 +106,38 @@ def test_head_quantizer_uses_one_step_per_head():
     P.set_bounds(quantizer, *P.symmetric_bounds(steps, 4))
     for h in range(3):
         torch.testing.assert_close(quantizer(x)[:, h], P.symmetric_quantize(x[:, h], steps[h], 4))
+
+
+@pytest.mark.parametrize("fit", ["minmax", "percentile", "dobi"])
+def test_streaming_fits_head_quantizers_head_by_head(tiny_fp, fit):
+    """MinMax/Percentile/DOBI (calibrate's streaming fits) on a PTQ4ViT-structured model: each head's
+    (l, u) is the per-tensor fit of that head's slice x[:, h] of the operand (BW, heads, N, d)."""
+    qmodel = methods.get("ptq4vit").structure(quantize(tiny_fp, QuantConfig(bits=3)), methods.resolve("ptq4vit", 3))
+    seen = {}
+    matmul = qmodel.layers[1].blocks[0].attn.matmul_qk
+    hook = matmul.register_forward_pre_hook(lambda m, args: seen.update(q=args[0].detach().clone()))
+    patches = torch.rand(2, 3, 8, 8)
+    getattr(calibrate, fit)(qmodel, patches)
+    hook.remove()
+    q, heads = seen["q"], matmul.q.lower.shape[0]
+    assert q.dim() == 4 and q.shape[1] == heads == 2 and matmul.q.lower.shape == (heads, 1, 1)
+    per_tensor = FakeQuantizer("query", 3)
+    for h in range(heads):
+        lower, upper = calibrate.fit_tensor(FIT_OF[fit], per_tensor, q[:, h].contiguous())
+        torch.testing.assert_close(matmul.q.lower[h].flatten(), lower.reshape(1))
+        torch.testing.assert_close(matmul.q.upper[h].flatten(), upper.reshape(1))
+    assert not torch.equal(matmul.q.upper[0], matmul.q.upper[1])  # heads differ: not one fit broadcast
+
+
+FIT_OF = {"minmax": lambda q, x: calibrate.minmax_bounds(x), "percentile": lambda q, x: calibrate.percentile_bounds(x),
+          "dobi": lambda q, x: calibrate.dobi_search(x, q.bits, num_points=100, bins=calibrate.DOBI_HISTOGRAM_BINS,
+                                                     sample=calibrate.DOBI_SAMPLE)}
+
+
+def test_fit_tensor_refuses_bounds_that_do_not_match_the_tensor():
+    quantizer = P.HeadQuantizer("query", 4, 3)
+    with pytest.raises(ValueError, match=r"bounds of shape \(3, 1, 1\) to a tensor of shape \(2, 4, 5, 6\)"):
+        calibrate.fit_tensor(FIT_OF["minmax"], quantizer, torch.randn(2, 4, 5, 6))
 
 
 def candidate_error(out_hat, out, grad) -> float:
