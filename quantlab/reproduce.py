@@ -149,11 +149,12 @@ def notebook_parameters(path: Path) -> set[str]:
 
 
 def run_parameters(notebooks: list[Notebook], quick: bool, common: dict, overrides: dict,
-                   folder: str | Path | None) -> list[dict]:
-    """For each notebook, what papermill injects: ``common`` (``quick``, ``out``, ``figures``), then its
-    mode's changes, then the ``overrides`` it declares. Checked before any notebook runs: a mode change
-    the notebook does not declare, or an override none of them declares, is a ValueError naming it."""
-    declared = [notebook_parameters(notebook_path(notebook.name, folder)) for notebook in notebooks]
+                   defaults: list[dict]) -> list[dict]:
+    """For each notebook (``defaults``: its :func:`notebook_defaults`), what papermill injects: ``common``
+    (``quick``, ``out``, ``figures``), then its mode's changes, then the ``overrides`` it declares. Checked
+    before any notebook runs: a mode change the notebook does not declare, or an override none of them
+    declares, is a ValueError naming it."""
+    declared = [set(notebook_defaults) for notebook_defaults in defaults]
     unknown = sorted(set(overrides) - set().union(*declared))
     if unknown:
         raise ValueError(f"no notebook of {[n.name for n in notebooks]} has a parameter {', '.join(unknown)}; "
@@ -197,13 +198,13 @@ def reproduce(quick: bool = True, only: Iterable[str] | None = None, out: str | 
     figures = Path(figures).resolve() if figures is not None else out / "figures"
     chosen = select(only)
     common = {"quick": quick, "out": str(out), "figures": str(figures)}
-    runs = run_parameters(chosen, quick, common, overrides or {}, folder)
+    defaults = [notebook_defaults(notebook_path(notebook.name, folder)) for notebook in chosen]
+    runs = run_parameters(chosen, quick, common, overrides or {}, defaults)
     times = []
-    for index, (notebook, parameters) in enumerate(zip(chosen, runs), 1):
+    for index, (notebook, parameters, own) in enumerate(zip(chosen, runs, defaults), 1):
         report(f"{notebook.name:<24} running ({index}/{len(chosen)}) ...")
         start = time.monotonic()
         run_notebook(notebook.name, parameters, out / "notebooks", folder)
-        effective = notebook_defaults(notebook_path(notebook.name, folder)) | parameters
-        times.append((notebook.name, time.monotonic() - start, effective))
+        times.append((notebook.name, time.monotonic() - start, own | parameters))
         report(f"{notebook.name:<24} {times[-1][1]:7.1f} s")
     return times
