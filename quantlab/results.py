@@ -253,6 +253,37 @@ def method_gain(results: pd.DataFrame, method: str, baseline: str) -> pd.DataFra
     return gains.reset_index(drop=True)
 
 
+CONDIQUANT_ORDERINGS = (  # the orderings of CondiQuant's Table 3 among its baselines: (method, baseline, bits)
+    ("repq_vit", "ptq4vit", (4,)),
+    ("repq_vit", "2dquant", (4,)),
+    ("ptq4vit", "repq_vit", (3, 2)),
+    ("ptq4vit", "noisyquant", (4, 3, 2)),
+    ("2dquant", "ptq4vit", (2,)),
+    ("2dquant", "repq_vit", (2,)),
+    ("2dquant", "noisyquant", (2,)),
+)
+
+
+def orderings(results: pd.DataFrame, claims: Iterable[tuple[str, str, tuple[int, ...]]] = CONDIQUANT_ORDERINGS
+              ) -> pd.DataFrame:
+    """How often each ``(method, baseline, bits)`` claim "method >= baseline in PSNR" holds on the cells
+    of ``results`` (both rows computed at those bits): columns ordering, bits, cells, ours (cells where
+    it holds), mean_gain (dB) and, when ``results`` went through :func:`with_paper`, paper (cells
+    where it holds in the paper, counted on the same cells) and paper_mean_gain."""
+    labels = registry.labels()
+    rows = []
+    for method, baseline, bits in claims:
+        gains = method_gain(results, method, baseline)
+        gains = gains[gains["bits"].isin(bits)]
+        row = {"ordering": f"{labels[method]} >= {labels[baseline]}", "bits": "/".join(map(str, bits)),
+               "cells": len(gains), "ours": int((gains["gain"] >= 0).sum()), "mean_gain": gains["gain"].mean()}
+        if "paper_gain" in gains:
+            paper = gains["paper_gain"].dropna()
+            row.update(paper=f"{int((paper >= 0).sum())}/{len(paper)}", paper_mean_gain=paper.mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def check_one_row_per_cell(results: pd.DataFrame) -> None:
     """Refuse two rows for one (scale, method, bits, dataset) cell, e.g. two x2 models in one table."""
     repeated = results[results.duplicated(CELL, keep=False)]

@@ -242,3 +242,27 @@ def test_captions_name_the_weights_and_the_training_images_from_what_was_given(t
     assert training_sets(tmp_path / "train") == "BSD200+T91 (3 images)"
     official = RESULTS.assign(weights="official")
     assert "m-0 (the official SwinIR-light weights, judged by the file name)" in caption_for(official, "T")
+
+
+def test_orderings_count_the_papers_own_table_as_the_issue_states():
+    """Fed CondiQuant's published Table 3 as if it were ours, the ordering counts are the paper's:
+    RepQ-ViT >= PTQ4ViT in all 15 W4A4 cells, PTQ4ViT >= RepQ-ViT in all 30 W3A3/W2A2 cells,
+    PTQ4ViT >= NoisyQuant in 44 of 45, 2DQuant above all three at W2A2."""
+    method_of = {label: name for name, label in methods.paper_labels().items()}
+    paper = paper_results("CondiQuant Table 3")
+    table = paper.assign(method=paper["method"].map(method_of)).dropna(subset=["method"])
+    counts = results.orderings(table).set_index(["ordering", "bits"])
+    assert counts.loc[("RepQ-ViT >= PTQ4ViT", "4"), ["cells", "ours"]].tolist() == [15, 15]
+    assert counts.loc[("PTQ4ViT >= RepQ-ViT", "3/2"), ["cells", "ours"]].tolist() == [30, 30]
+    assert counts.loc[("PTQ4ViT >= NoisyQuant", "4/3/2"), ["cells", "ours"]].tolist() == [45, 44]
+    assert counts.xs("2", level="bits")["ours"].tolist() == [15, 15, 15]
+    assert "paper" not in counts
+
+
+def test_orderings_report_the_papers_counts_on_our_cells():
+    grid = with_paper(tidy([("ptq4vit", 4, "Set5", 36.1, 0.94), ("repq_vit", 4, "Set5", 36.0, 0.94),
+                            ("2dquant", 4, "Set5", 36.3, 0.95)]))
+    counts = results.orderings(grid, [("repq_vit", "ptq4vit", (4,)), ("repq_vit", "2dquant", (4,))])
+    assert counts["cells"].tolist() == [1, 1] and counts["ours"].tolist() == [0, 0]
+    assert counts["mean_gain"].tolist() == pytest.approx([-0.1, -0.3])
+    assert counts["paper"].tolist()[0] == "1/1"
