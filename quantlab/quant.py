@@ -42,12 +42,12 @@ def check_bits(bits: int) -> int:
     return bits
 
 
-def clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed as clip((x - l) / s, 0, n) on one
-    new tensor: the same rounded levels, one pass fewer than clipping x first."""
+    new tensor (or in ``out``, which may be ``x``): the same rounded levels, one pass fewer than clipping x first."""
     step = (upper - lower) / levels
-    return torch.sub(x, lower).div_(step).clamp_(0, levels), step
+    return torch.sub(x, lower, out=out).div_(step).clamp_(0, levels), step
 
 
 def _indicator(compare: Callable, x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,15 @@ def fake_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bit
 
 
 @torch.no_grad()
+def fake_quantize_(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`fake_quantize` written over ``x`` (returned; no autograd): the same values without allocating
+    a new tensor, for temporaries the caller owns (a large new tensor costs page faults on every call)."""
+    lower, upper = _bounds_like(x, lower, upper)
+    c_hat, step = clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1, out=x)
+    return c_hat.round_().mul_(step).add_(lower)
+
+
+@torch.no_grad()
 def integer_levels(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int) -> torch.Tensor:
     """The integers r = round((clip(x, l, u) - l) / s) in [0, 2^b - 1] of Eq. 1 (x_q = s r + l), as
     floats of ``x``'s shape: what a b-bit kernel stores. Same bounds rule as :func:`fake_quantize`."""
@@ -158,6 +167,16 @@ class FakeQuantizer(nn.Module):
     def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
         """x_q of a tensor as this quantizer sees it (as its observer gets it): Eq. 1 on [l, u]."""
         return fake_quantize(x, self.lower, self.upper, self.bits)
+
+    def quantize_(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` for inference on a temporary ``x`` the caller owns: written over ``x``
+        (:func:`fake_quantize_`) when this quantizer runs plain Eq. 1 (quantize mode, grad disabled, no
+        hooks, this class's ``forward`` and ``quantize_values``), else ``self(x)``."""
+        if (self.mode == "quantize" and not torch.is_grad_enabled() and not has_hooks(self)
+                and type(self).forward is FakeQuantizer.forward
+                and type(self).quantize_values is FakeQuantizer.quantize_values):
+            return fake_quantize_(x, self.lower, self.upper, self.bits)
+        return self(x)
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
@@ -300,26 +319,47 @@ class QuantWindowAttention(WindowAttention):
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """As :meth:`WindowAttention.attend`: :meth:`chunked_attention` for inference through sliceable
-        matmuls (:attr:`QuantMatMul.sliceable`), else the explicit attention over the whole batch."""
-        if not torch.is_grad_enabled() and self.matmul_qk.sliceable and self.matmul_av.sliceable:
-            return self.chunked_attention(q, k, v, bias)
-        return self.explicit_attention(q, k, v, bias)
+        """As :meth:`WindowAttention.attend`: with grad disabled and unhooked matmuls (a hook must see their
+        operands), :meth:`chunked_attention`, in runs of windows when the matmuls are sliceable
+        (:attr:`QuantMatMul.sliceable`), else in one run (calibration: observers see whole tensors);
+        otherwise the explicit attention over the whole batch."""
+        if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
+            return self.explicit_attention(q, k, v, bias)
+        whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
+        return self.chunked_attention(q, k, v, bias, whole)
 
-    def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """:meth:`explicit_attention` over runs of at most ``ATTENTION_CHUNK`` windows, concatenated: the
-        same values in bounded memory (peak RSS of a fake-quantized 32x3x64x64 forward 0.78 GiB, 1.40
-        whole; as fast). A run holds whole images when an image has fewer windows (a batch of patches),
-        else consecutive windows of one image with their rows of a per-window bias."""
-        windows, rows = bias.shape[0], q.shape[0]
+    def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                          whole: bool = False) -> torch.Tensor:
+        """:meth:`explicit_attention`'s values over the runs of :meth:`window_runs` (or one run: ``whole``), in
+        bounded memory and without a new tensor per run: Q (scaled), K^T and V are quantized once, each over
+        its own copy (:meth:`FakeQuantizer.quantize_`); each run's scores are computed into one reused
+        (run, heads, N, N) buffer, biased, softmaxed and quantized in it, and multiplied into the output."""
+        q_quantizer, k_quantizer = (getattr(self.matmul_qk, name) for name in self.matmul_qk.names)
+        a_quantizer, v_quantizer = (getattr(self.matmul_av, name) for name in self.matmul_av.names)
+        q = q_quantizer.quantize_(q * self.scale)
+        k_t = k_quantizer.quantize_(k.transpose(-2, -1).clone(memory_format=torch.contiguous_format))
+        v = v_quantizer.quantize_(v.clone(memory_format=torch.contiguous_format))
+        runs = [(slice(None), slice(None))] if whole else self.window_runs(q.shape[0], bias.shape[0])
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        buffer = q.new_empty(len(range(q.shape[0])[runs[0][0]]), *q.shape[1:-1], k_t.shape[-1])
+        for run, part in runs:
+            q_run = q[run]
+            scores = torch.matmul(q_run, k_t[run], out=buffer[:q_run.shape[0]])
+            scores.view(-1, *bias[part].shape).add_(bias[part])
+            torch.matmul(a_quantizer.quantize_(torch.softmax(scores, -1, out=scores)), v[run], out=out[run])
+        return out
+
+    @staticmethod
+    def window_runs(rows: int, windows: int) -> list[tuple[slice, slice]]:
+        """(rows of the window batch, windows of the bias) of each run of at most ``ATTENTION_CHUNK`` windows,
+        for ``rows`` windows and a bias of ``windows`` (W per image, or 1 for all). A run holds whole images
+        when an image has fewer windows (a batch of patches), else consecutive windows of one image with
+        their rows of the per-window bias. Peak RSS of a fake-quantized 32x3x64x64 forward 0.78 GiB, 1.40 whole."""
         if windows <= ATTENTION_CHUNK:  # also the unshifted case, one bias for all windows
             step = ATTENTION_CHUNK // windows * windows
-            runs = [(slice(start, start + step), slice(None)) for start in range(0, rows, step)]
-        else:
-            runs = [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)),
-                     slice(start, start + ATTENTION_CHUNK))
-                    for image in range(0, rows, windows) for start in range(0, windows, ATTENTION_CHUNK)]
-        return torch.cat([self.explicit_attention(q[run], k[run], v[run], bias[part]) for run, part in runs])
+            return [(slice(start, start + step), slice(None)) for start in range(0, rows, step)]
+        return [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)), slice(start, start + ATTENTION_CHUNK))
+                for image in range(0, rows, windows) for start in range(0, windows, ATTENTION_CHUNK)]
 
 
 def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:

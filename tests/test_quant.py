@@ -87,6 +87,27 @@ def test_inference_takes_the_cheap_path_with_the_same_values(monkeypatch):
                        torch.round((trained.detach() - quantizer.lower.detach()) * 7 / 1.8))
 
 
+def test_in_place_quantize_writes_the_same_values_over_its_input_and_defers_to_other_quantizers():
+    """``quantize_`` (inference on an owned temporary) writes Eq. 1 over its input, bit-identical to
+    ``forward``; with grad enabled, in another mode or in a subclass with its own levels it is ``forward``."""
+    from quantlab.repq import ZeroGridQuantizer
+
+    quantizer = FakeQuantizer("post_softmax", 4)
+    quantizer.set_bounds(0.0, 0.3)
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, temporary = quantizer(x), x.clone()
+        assert quantizer.quantize_(temporary) is temporary and torch.equal(temporary, expected)
+        quantizer.mode = "off"
+        assert quantizer.quantize_(x) is x
+        other = ZeroGridQuantizer("post_softmax", 4)
+        other.set_bounds(0.0, 0.3)
+        temporary = x.clone()
+        assert torch.equal(other.quantize_(temporary), other(x)) and torch.equal(temporary, x)
+    quantizer.mode = "quantize"
+    assert quantizer.quantize_(x.clone().requires_grad_()).grad_fn is not None
+
+
 def test_bits_checked_and_crossed_bounds_never_nan():
     with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
         fake_quantize(torch.zeros(3), torch.tensor([0.0]), torch.tensor([1.0]), 9)
@@ -408,8 +429,9 @@ def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_
     x = torch.rand(batch, 3, 4 * windows[0], 4 * windows[1], generator=torch.Generator().manual_seed(2))
     assert quant.ATTENTION_CHUNK == 64  # windows of 4x4 pixels in the tiny model
     attn = qmodel.layers[0].blocks[1].attn  # a shifted block
-    explicit, seen = attn.explicit_attention, []
-    attn.explicit_attention = lambda *a: seen.append(a[0].shape[0]) or explicit(*a)
+    window_runs, seen = attn.window_runs, []
+    attn.window_runs = lambda rows, windows: seen.extend(
+        len(range(rows)[run]) for run, _ in window_runs(rows, windows)) or window_runs(rows, windows)
     with torch.no_grad():
         chunked = qmodel(x)
     assert seen == chunks
@@ -421,6 +443,20 @@ def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_
     assert torch.equal(chunked, whole)
     set_mode(qmodel, "observe")
     assert not qmodel.layers[0].blocks[0].attn.matmul_qk.sliceable  # calibration sees whole tensors
+
+
+def test_calibration_through_the_in_place_attention_sees_the_explicit_attentions_tensors(tiny_model_and_patches):
+    """Calibration (observers see whole tensors) runs the attention in one in-place run: every quantizer
+    gets the same bounds as through the explicit attention (forced by a hook on the matmuls)."""
+    model, patches = tiny_model_and_patches
+    in_place = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
+    explicit = quantize(model, QuantConfig(bits=3))
+    for layer in explicit.layers:
+        for block in layer.blocks:
+            block.attn.matmul_qk.register_forward_hook(lambda *args: None)
+    calibrate.minmax(explicit, patches)
+    for (name, a), (_, b) in zip(quantizers(in_place), quantizers(explicit)):
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
 
 
 def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_and_patches):
