@@ -17,7 +17,7 @@ import quantlab
 from quantlab.checkpoints import CheckpointError
 from quantlab.condition import ConditionConfig, condition_model
 from quantlab.data import calibration_patches
-from quantlab.pipeline import CONDITIONING_PATCH_SIZE, CONDITIONING_PATCHES
+from quantlab.methods import CONDITIONING_PATCH_SIZE, CONDITIONING_PATCHES
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 TARGET_SECONDS = 19.0
