@@ -64,18 +64,26 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def default_sigint() -> None:
+    """Restore SIGINT's default action in a child before it execs: a shell that runs the tests in the
+    background (``nohup ... &``, a CI runner) starts them with SIGINT ignored, which children inherit
+    and Python keeps, so a Ctrl-C would never reach the command under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def interrupt():
     """``interrupt(command, ready, sig)`` starts ``command`` in a process group of its own, waits until
     ``ready()`` holds (a checkpoint or a partial result exists), then sends ``sig`` to the whole group (the
     command and its children: notebook kernels, Dask workers), as Ctrl-C (SIGINT) or a killed job (SIGKILL)
     would, and waits for it to end. Fails the test when the command ends first or ``timeout`` (s) passes.
-    Returns the command's stderr."""
+    Returns the command's stderr. The command starts with SIGINT at its default action, as in a terminal
+    (:func:`default_sigint`)."""
     def run(command: list[str], ready: Callable[[], bool], sig: int = signal.SIGKILL, timeout: float = 600,
             **popen) -> str:
         with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: progress bars never block the command
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                       start_new_session=True, **popen)
+                                       start_new_session=True, preexec_fn=default_sigint, **popen)
             deadline = time.monotonic() + timeout
             try:
                 while not ready():

@@ -41,7 +41,7 @@ def test_a_dqc_stopped_by_ctrl_c_resumes_to_the_uninterrupted_bounds(tiny_checkp
                                                                      interrupt):
     """DQC (quick preset: a checkpoint every 20 iterations) stopped once a checkpoint exists; the same
     command again continues from the checkpointed iteration and writes the bounds of a run never stopped,
-    bit for bit. The run is long enough (100 iterations) that Ctrl-C lands before it ends on a fast CPU."""
+    bit for bit."""
     def quantize(out: Path) -> list[str]:
         return quantlab("quantize", "--model", tiny_checkpoint, "--method", "dqc", "--bits", "2",
                         "--iterations", ITERATIONS, "--data", train_folder, "--threads", 1, "--out", out)
