@@ -47,20 +47,16 @@ def premasked(model: SwinIR) -> SwinIR:
     per mask shape (inference weights are frozen), instead of ``mask + bias`` in every call."""
     model = copy.deepcopy(model)
 
-    def forward(self: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        bw, n, c = x.shape
-        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    def attention_bias(self: WindowAttention, n: int, mask: torch.Tensor | None) -> torch.Tensor:
         key = None if mask is None else tuple(mask.shape)
         if key not in self.biases:
-            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-            bias = bias.permute(2, 0, 1)[None]
-            self.biases[key] = bias if mask is None else mask[:, None] + bias
-        return self.proj(self.attend(q, k, v, self.biases[key]).transpose(1, 2).reshape(bw, n, c))
+            self.biases[key] = WindowAttention.attention_bias(self, n, mask)
+        return self.biases[key]
 
     for module in model.modules():
         if isinstance(module, WindowAttention):
             module.biases = {}
-            module.forward = types.MethodType(forward, module)
+            module.attention_bias = types.MethodType(attention_bias, module)
     return model
 
 

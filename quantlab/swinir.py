@@ -96,11 +96,14 @@ class WindowAttention(nn.Module):
         the bias and mask added once per call as one (W, heads, N, N) term (:meth:`attend`)."""
         bw, n, c = x.shape
         q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(q, k, v, self.attention_bias(n, mask)).transpose(1, 2).reshape(bw, n, c))
+
+    def attention_bias(self, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The relative-position bias of N = ``n`` tokens, (1, heads, N, N), plus ``mask`` (nW, N, N) when
+        given: (nW, heads, N, N)."""
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        bias = bias.permute(2, 0, 1)[None]  # (1, heads, N, N)
-        if mask is not None:
-            bias = mask[:, None] + bias  # (nW, heads, N, N)
-        return self.proj(self.attend(q, k, v, bias).transpose(1, 2).reshape(bw, n, c))
+        bias = bias.permute(2, 0, 1)[None]
+        return bias if mask is None else mask[:, None] + bias
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N) -> (B * W, heads, N, d). Training, and a
