@@ -193,7 +193,8 @@ class BoundTrainer:
     ``fp_model`` frozen, ``iterations`` steps of :func:`distill_step` on batches (batch_size, 3, p, p) drawn
     by ``sampler``, the lr following ``schedule``; the student runs in eval mode.
 
-    Options: ``grad_scales`` multiplies each parameter's gradient by a factor (Pac's LSQ-style scale);
+    Options: ``grad_scales`` multiplies each parameter's gradient by a factor (Pac's LSQ-style scale); ``lrs`` gives
+    each parameter its own learning rate (Adam parameter groups; default ``lr`` for all);
     :meth:`run` can keep the bounds with the best ``score()`` (e.g. Set5 PSNR, dB) among checks every
     ``select_every`` iterations, and checkpoint (bounds, optimizer, scheduler, RNG states, progress) every
     ``checkpoint_every`` iterations to a file that a later run with the same ``fingerprint`` resumes.
@@ -203,17 +204,21 @@ class BoundTrainer:
                  iterations: int, batch_size: int, lr: float, schedule: Schedule,
                  betas: tuple[float, float] = (0.9, 0.999), output_kind: str = "paper",
                  feature_term: FeatureTerm | None = None, feature_weight: float = 0.0,
-                 grad_scales: list[float] | None = None, name: str = "bounds"):
+                 grad_scales: list[float] | None = None, name: str = "bounds", lrs: list[float] | None = None):
         if feature_weight and feature_term is None:
             raise ValueError("a feature_weight needs a feature_term")
-        if grad_scales is not None and len(grad_scales) != len(params):
-            raise ValueError(f"{len(grad_scales)} gradient scales for {len(params)} parameters")
+        for per_parameter, what in ((grad_scales, "gradient scales"), (lrs, "learning rates")):
+            if per_parameter is not None and len(per_parameter) != len(params):
+                raise ValueError(f"{len(per_parameter)} {what} for {len(params)} parameters")
         self.qmodel, self.fp_model = qmodel, fp_model.eval().requires_grad_(False)
         qmodel.requires_grad_(False)
         self.params, self.sampler, self.iterations, self.batch_size = params, sampler, iterations, batch_size
         self.output_kind, self.feature_term, self.feature_weight = output_kind, feature_term, feature_weight
         self.grad_scales, self.name = grad_scales, name
-        self.optimizer = torch.optim.Adam(params, lr=lr, betas=betas)
+        groups = {}
+        for p, rate in zip(params, lrs or [lr] * len(params)):
+            groups.setdefault(rate, []).append(p)
+        self.optimizer = torch.optim.Adam([{"params": ps, "lr": rate} for rate, ps in groups.items()], lr=lr, betas=betas)
         self.scheduler = schedule(self.optimizer, iterations)
         self.state: dict[str, Any] = {"iteration": 0, "best_psnr": -math.inf, "history": []}
         self.best_bounds: list[torch.Tensor] | None = None

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import calibrate, noisyquant, ptq4vit, repq
+from . import calibrate, fold, noisyquant, ptq4vit, repq
 from .condition import ConditionConfig, condition_model
 from .data import calibration_patches
 from .dbdc import PRESET_NAMES as PAC_PRESETS
@@ -37,7 +37,7 @@ from .dbdc import PacPreset, dbdc_pac
 from .dbdc import get_preset as pac_preset
 from .distill import PRESETS as DQC_PRESETS
 from .distill import DQCPreset, dqc
-from .quant import QuantConfig, quantize
+from .quant import QuantConfig, quantize, use_per_channel_weights
 
 PRESETS = ("quick", "paper", "release")  # preset names a request may give; each method resolves its own
 CALIBRATION_PATCHES, CALIBRATION_PATCH_SIZE = 32, 64  # the default calibration batch: 32 LR patches 3x64x64
@@ -432,6 +432,57 @@ def run_noisyquant(c: Calibration) -> nn.Module:
     return noisyquant.calibrate(c.start(), c.batch, c.settings)
 
 
+# quantlab's own recipe (quantlab/fold.py + DOBI + DQC) -----------------------------------------------
+
+RECIPE_ITERATIONS = {"quick": 150, "paper": 3000, "release": 3000}  # quick: 2.5x DQC's 60, within 3x 2DQuant's time
+
+
+def recipe_settings(preset: str) -> dict:
+    """quantlab (ours): the channel scalings of :data:`fold.PLACES` folded offline at migration strength
+    ``alpha``, per-output-channel weight bounds, DOBI, then DQC of every bound for ``RECIPE_ITERATIONS``."""
+    if preset not in RECIPE_ITERATIONS:
+        raise ValueError(f"quantlab's recipe has no preset {preset!r}; choose one of {list(RECIPE_ITERATIONS)}")
+    return {"fold": list(fold.PLACES), "alpha": fold.DEFAULT_ALPHA, "per_channel_weights": True,
+            "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset) | {"iterations": RECIPE_ITERATIONS[preset]}}
+
+
+def prepare_recipe(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
+    return use_per_channel_weights(qmodel) if config.settings["per_channel_weights"] else qmodel
+
+
+def run_recipe(c: Calibration) -> nn.Module:
+    """quantlab (ours): fold the channel scalings into a copy of the FP model (:func:`fold.fold_scalings`,
+    the same function), quantize it with per-channel weight bounds, DOBI, then DQC against the original FP
+    model. Deploys as 2DQuant: per-tensor activation quantizers at the same 384 places, per-channel weight
+    steps applied to the integer GEMM's output rows, the scalings inside LayerNorm and the FP weights."""
+    s = c.settings
+    folded = fold.fold_scalings(copy.deepcopy(c.fp_model), c.batch, s["fold"], s["alpha"])
+    return distill(c, calibrate.dobi(c.start(folded), c.batch, mode=s["dobi_mode"]))
+
+
+def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
+    """The rows of the recipe's ablation, {label: (method, overrides)} for :func:`quantlab.results.ablation_grid`:
+    2DQuant at its preset and with the recipe's DQC iterations (the same calibration time), the recipe, and
+    the recipe with each component off. ``iterations`` (e.g. a quick check) replaces every row's DQC length;
+    rows that then coincide are given once."""
+    fixed = {} if iterations is None else {"iterations": iterations}
+    longer = RECIPE_ITERATIONS[preset]
+    rows = {"2DQuant": ("2dquant", fixed),
+            f"2DQuant, DQC {longer} iterations": ("2dquant", fixed or {"iterations": longer}),
+            "quantlab (ours)": ("quantlab", fixed),
+            "- per-channel weights": ("quantlab", fixed | {"per_channel_weights": False}),
+            "- every scaling": ("quantlab", fixed | {"fold": []})}
+    rows |= {f"- {label} scaling": ("quantlab", fixed | {"fold": [p for p in fold.PLACES if p != place]})
+             for place, label in fold.PLACES.items()}
+    rows |= {f"- longer DQC ({DQC_PRESETS[preset].iterations} iterations)":
+             ("quantlab", fixed or {"iterations": DQC_PRESETS[preset].iterations})}
+    unique: dict[str, tuple[str, dict]] = {}
+    for label, (method, overrides) in rows.items():
+        if (method, overrides) not in unique.values():
+            unique[label] = (method, overrides)
+    return unique
+
+
 # The registry, in the papers' row order -----------------------------------------------------------
 
 TWO_DQUANT = "Liu et al., 2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution, NeurIPS 2024"
@@ -478,3 +529,7 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
+register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: channel scalings folded offline, per-channel "
+                "weight bounds, DOBI, longer DQC (README 'Beyond the papers')", run_recipe,
+                settings=lambda preset, bits, scale: recipe_settings(preset), tuned=True, prepare=prepare_recipe,
+                choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False)}, compared=False))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -376,6 +376,17 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
             block.mlp.fc2 = QuantLinear(block.mlp.fc2, POST_GELU, config)
     qmodel.quant_config = config
     return qmodel.to(device)
+
+
+def use_per_channel_weights(qmodel: nn.Module) -> nn.Module:
+    """Give every :class:`QuantLinear` of a :func:`quantize` copy one bound pair per output channel ((C, 1)) for its
+    weight, in place, and record it in ``qmodel.quant_config``; the scales fold into an integer GEMM's output."""
+    for module in list(qmodel.modules()):
+        if isinstance(module, QuantLinear) and not module.weight.per_channel:
+            module.weight = FakeQuantizer(WEIGHT, module.weight.bits, module.linear.out_features).to(
+                module.linear.weight.device)
+    qmodel.quant_config = replace(qmodel.quant_config, per_channel_weights=True)
+    return qmodel
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, FakeQuantizer]]:

@@ -50,7 +50,6 @@ up, as in the official code. The ``official`` fold is not integer-exact (fractio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,7 +58,7 @@ from torch import nn
 
 from . import calibrate
 from .quant import (LINEAR_INPUT, MIN_RANGE, POST_SOFTMAX, FakeQuantizer, QuantLinear, SplitQuantLinear,
-                    fake_quantize, quantizers, set_mode)
+                    fake_quantize, quantizers, set_mode, use_per_channel_weights)
 
 if TYPE_CHECKING:
     from .methods import MethodConfig
@@ -157,10 +156,7 @@ def prepare(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
     :class:`LogSqrt2Quantizer` after every softmax and, for ``fold="official"``, :class:`ZeroGridQuantizer`
     inputs of qkv and fc1. The folded LayerNorms and linears are saved weights, not structure."""
     device = next(qmodel.parameters()).device
-    for module in list(qmodel.modules()):
-        if isinstance(module, QuantLinear) and not module.weight.per_channel:
-            module.weight = FakeQuantizer(module.weight.kind, module.weight.bits, module.linear.out_features).to(device)
-    qmodel.quant_config = replace(qmodel.quant_config, per_channel_weights=True)
+    use_per_channel_weights(qmodel)
     for layer in qmodel.layers:
         for block in layer.blocks:
             softmax = block.attn.matmul_av.attn

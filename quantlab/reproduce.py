@@ -82,6 +82,8 @@ NOTEBOOKS: tuple[Notebook, ...] = (
     Notebook("08_condition_numbers", quick={}, full={}, figures=("condiquant_fig5_condition_numbers.png",)),
     Notebook("10_condition_sweep", quick={}, full={}, figures=("condiquant_sweep_lambda.png",)),
     Notebook("06_explorer", quick={}, full={}, figures=("explorer_minmax_2bit.png", "explorer_dobi_2bit.png")),
+    Notebook("11_beyond", quick=dict(limit=QUICK_LIMIT, dqc_iterations=2), full={},
+             figures=("quantlab_ablation.png", "quantlab_ablation.pdf")),
 )
 
 

@@ -86,7 +86,7 @@ def test_a_tables_dobi_row_is_the_stage1_of_its_2dquant_row(preset, mode):
 
 
 def test_taking_lists_the_methods_with_a_setting():
-    assert methods.taking("dobi_mode") == ["dobi", "2dquant", "condiquant"]
+    assert methods.taking("dobi_mode") == ["dobi", "2dquant", "condiquant", "quantlab"]
     assert methods.taking("teacher") == ["condiquant"]
 
 

@@ -1,0 +1,94 @@
+"""quantlab's own recipe: the folded channel scalings change nothing in FP and add no operation when quantized."""
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from quantlab import fold
+from quantlab.checkpoints import load_model
+from quantlab.pipeline import load_quantized, quantize_with, save_quantized
+from quantlab.quant import QuantConfig, quantize, quantizers, set_mode
+
+
+@pytest.fixture(scope="module")
+def fp_model(tiny_checkpoint):
+    """The tiny model with uneven channels: LayerNorm gains and qkv/proj rows spread over two decades, so that
+    every scaling has something to move."""
+    model = load_model(tiny_checkpoint)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.layers:
+            for block in layer.blocks:
+                for norm in (block.norm1, block.norm2):
+                    norm.weight.mul_(10 ** torch.rand(norm.weight.shape, generator=generator))
+                block.attn.qkv.weight.mul_(10 ** torch.rand(block.attn.qkv.out_features, 1, generator=generator))
+    return model
+
+
+def test_the_folded_model_computes_the_fp_function():
+    fp_model = load_model("default-x2")
+    x = torch.rand(1, 3, 24, 24)
+    folded = fold.fold_scalings(copy.deepcopy(fp_model), torch.rand(4, 3, 32, 32))
+    changed = [k for k, v in folded.state_dict().items() if not torch.equal(v, fp_model.state_dict()[k])]
+    assert any("norm1" in k for k in changed) and any("proj" in k for k in changed) and any("qkv" in k for k in changed)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), fp_model(x), atol=1e-5, rtol=0)
+        qmodel = quantize(folded, QuantConfig(bits=2))
+        set_mode(qmodel, "off")
+        assert torch.allclose(qmodel(x), fp_model(x), atol=1e-5, rtol=0)
+        set_mode(qmodel, "quantize")
+        assert not torch.allclose(qmodel(x), fp_model(x), atol=1e-2, rtol=0)  # the check can fail
+
+
+def test_the_scalings_even_out_the_channels_they_target(fp_model):
+    patches = torch.rand(4, 3, 16, 16)
+    before = fold.channel_ranges(fp_model, patches)
+    after = fold.channel_ranges(fold.fold_scalings(copy.deepcopy(fp_model), patches, alpha=0.5), patches)
+
+    def spread(x: torch.Tensor) -> float:
+        return float(x.max() / x.min())
+    for old, new in zip(before, after):
+        assert spread(new["attn_in"]) < spread(old["attn_in"]) and spread(new["mlp_in"]) < spread(old["mlp_in"])
+        assert torch.allclose(new["q"], new["k"], rtol=1e-4)  # the query and key channels get the same range
+
+
+def test_bad_places_and_alpha_are_refused(fp_model):
+    with pytest.raises(ValueError, match="places must be among"):
+        fold.fold_scalings(copy.deepcopy(fp_model), torch.rand(1, 3, 8, 8), ["fc2"])
+    with pytest.raises(ValueError, match="alpha in"):
+        fold.fold_scalings(copy.deepcopy(fp_model), torch.rand(1, 3, 8, 8), alpha=1.5)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations a forward dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations(model: torch.nn.Module, x: torch.Tensor) -> Counter:
+    with torch.no_grad(), OpCounter() as counter:
+        model(x)
+    return counter.ops
+
+
+def test_the_recipe_runs_the_same_operations_as_2dquant_and_saves(fp_model, train_folder, tmp_path):
+    patches, x = torch.rand(4, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    ours = quantize_with(fp_model, "quantlab", 2, patches=patches, train_folder=train_folder, progress=False,
+                         iterations=2, patch_size=16)
+    reference = quantize_with(fp_model, "2dquant", 2, patches=patches, train_folder=train_folder, progress=False,
+                              iterations=2, patch_size=16)
+    assert all(q.per_channel for name, q in quantizers(ours) if q.kind == "weight")
+    assert [(n, q.kind) for n, q in quantizers(ours)] == [(n, q.kind) for n, q in quantizers(reference)]
+    assert operations(ours, x) == operations(reference, x)
+    save_quantized(ours, fp_model, tmp_path / "ours.pt")
+    again = load_quantized(tmp_path / "ours.pt", fp_model)
+    with torch.no_grad():
+        assert torch.equal(again(x), ours(x))
