@@ -15,12 +15,15 @@ Presets (CPU budget measured on the 2-core machine is in the README):
   checks every 100 iterations (model selection on a test set, as released);
 - ``quick``: 60 iterations, batch 4 of 32x32 LR crops, cosine: at most ~5 minutes per model on 2
   CPU cores, for tests and quick notebooks.
+
+quantlab's own recipe (:mod:`quantlab.methods`) also trains FP parameters the deployed model already has
+(``tune``, :data:`TUNABLE`: LayerNorm affine, linear biases) beside the bounds, at their own learning rate.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +37,7 @@ from .checkpoints import weights_fingerprint
 from .data import PatchSampler
 from .evaluation import evaluate, summarize
 from .files import atomic_path
-from .quant import quantizers
+from .quant import QuantLinear, quantizers
 from .train import read_checkpoint, restore_rng_state, rng_state
 
 
@@ -154,6 +157,28 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
     params = []
     for _, quantizer in quantizers(qmodel):
         params += [quantizer.lower, quantizer.upper]
+    return params
+
+
+# FP parameters DQC may train beside the bounds, each an existing parameter of the deployed model (no new operation)
+TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears",
+           "position": "the relative-position bias tables of the attentions"}
+
+
+def tunable_parameters(qmodel: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
+    """The FP parameters of ``groups`` (keys of :data:`TUNABLE`) in ``qmodel``, in module order."""
+    groups = list(groups)
+    unknown = set(groups) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"cannot tune {sorted(unknown)}; choose among {list(TUNABLE)}")
+    blocks = [block for layer in qmodel.layers for block in layer.blocks]
+    params = []
+    if "norm" in groups:
+        params += [p for block in blocks for norm in (block.norm1, block.norm2) for p in (norm.weight, norm.bias)]
+    if "bias" in groups:
+        params += [m.linear.bias for m in qmodel.modules() if isinstance(m, QuantLinear) and m.linear.bias is not None]
+    if "position" in groups:
+        params += [block.attn.relative_position_bias_table for block in blocks]
     return params
 
 
@@ -300,12 +325,13 @@ class BoundTrainer:
 
 
 def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str,
-                    training_images: list[str]) -> dict:
+                    training_images: list[str], tuned: dict | None = None) -> dict:
     """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
     (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed, the
-    SHA-256 of the teacher's weights and the file names of the training images. JSON-normalized, as stored."""
+    SHA-256 of the teacher's weights, the file names of the training images and, when FP parameters train
+    too, ``tuned`` (their groups and lr). JSON-normalized, as stored."""
     quant_config = getattr(qmodel, "quant_config", None)
-    return json.loads(json.dumps({
+    return json.loads(json.dumps(({"tuned": tuned} if tuned else {}) | {
         "method": method,
         "quant_config": asdict(quant_config) if quant_config is not None else None,
         "quantizers": {name: q.bits for name, q in quantizers(qmodel)},
@@ -334,8 +360,10 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
 
 def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick",
         train_folder: str | Path | None = None, checkpoint: str | Path | None = None, seed: int = 0,
-        progress: bool = True, method: str = "dqc", **overrides) -> nn.Module:
-    """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place.
+        progress: bool = True, method: str = "dqc", tune: Sequence[str] = (), tune_lr: float = 1e-2,
+        **overrides) -> nn.Module:
+    """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place. ``tune``: groups of
+    FP parameters (:data:`TUNABLE`) trained with them at ``tune_lr`` (same schedule), as quantlab's recipe does.
 
     ``checkpoint``: a file written every ``checkpoint_every`` iterations. An existing one is resumed
     only when its :func:`run_fingerprint` equals this run's (``method`` names the PTQ method the run
@@ -346,11 +374,14 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     config = replace(get_preset(preset), **overrides)
     scale = fp_model.config.scale
     sampler = seeded_sampler(scale, config.patch_size, train_folder, seed)
-    trainer = BoundTrainer(qmodel, fp_model, bound_parameters(qmodel), sampler, config.iterations, config.batch_size,
+    bounds, tuned = bound_parameters(qmodel), tunable_parameters(qmodel, tune)
+    trainer = BoundTrainer(qmodel, fp_model, bounds + tuned, sampler, config.iterations, config.batch_size,
                            config.lr, lambda_schedule(config.schedule), config.betas, config.loss,
-                           summed_feature_loss, config.feature_weight, name="DQC")
+                           summed_feature_loss, config.feature_weight, name="DQC",
+                           lrs=[config.lr] * len(bounds) + [tune_lr] * len(tuned) if tuned else None)
     path = Path(checkpoint) if checkpoint else None
-    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths]) if path else None
+    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths],
+                                  {"groups": list(tune), "lr": tune_lr} if tune else None) if path else None
     if path:
         trainer.resume(path, fingerprint)
 

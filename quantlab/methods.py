@@ -307,9 +307,11 @@ def dobi_mode_of(preset: str) -> str:
 
 def distill(calibration: Calibration, qmodel: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
     """DQC of ``qmodel`` with the resolved ``dqc`` settings (resumable from the calibration's checkpoint)."""
+    settings = calibration.settings
     return dqc(qmodel, teacher or calibration.fp_model, dqc_preset(calibration.config),
                train_folder=calibration.train_folder, checkpoint=calibration.checkpoint,
-               progress=calibration.progress, method=calibration.config.method)
+               progress=calibration.progress, method=calibration.config.method,
+               tune=settings.get("tune", ()), tune_lr=settings.get("tune_lr", RECIPE_TUNE_LR))
 
 
 # Handlers -----------------------------------------------------------------------------------------
@@ -435,15 +437,19 @@ def run_noisyquant(c: Calibration) -> nn.Module:
 # quantlab's own recipe (quantlab/fold.py + DOBI + DQC) -----------------------------------------------
 
 RECIPE_ITERATIONS = {"quick": 150, "paper": 3000, "release": 3000}  # quick: 2.5x DQC's 60, within 3x 2DQuant's time
+RECIPE_TUNE = ["norm", "bias"]  # FP parameters DQC trains with the bounds (distill.TUNABLE)
+RECIPE_TUNE_LR = 1e-2
 
 
 def recipe_settings(preset: str) -> dict:
     """quantlab (ours): the channel scalings of :data:`fold.PLACES` folded offline at migration strength
-    ``alpha``, per-output-channel weight bounds, DOBI, then DQC of every bound for ``RECIPE_ITERATIONS``."""
+    ``alpha``, per-output-channel weight bounds, DOBI, then DQC of every bound for ``RECIPE_ITERATIONS``, with
+    the FP parameters of ``tune`` (LayerNorm affine, linear biases) trained beside them at ``tune_lr``."""
     if preset not in RECIPE_ITERATIONS:
         raise ValueError(f"quantlab's recipe has no preset {preset!r}; choose one of {list(RECIPE_ITERATIONS)}")
     return {"fold": list(fold.PLACES), "alpha": fold.DEFAULT_ALPHA, "per_channel_weights": True,
-            "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset) | {"iterations": RECIPE_ITERATIONS[preset]}}
+            "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset) | {"iterations": RECIPE_ITERATIONS[preset]},
+            "tune": RECIPE_TUNE, "tune_lr": RECIPE_TUNE_LR}
 
 
 def prepare_recipe(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
@@ -452,9 +458,10 @@ def prepare_recipe(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
 
 def run_recipe(c: Calibration) -> nn.Module:
     """quantlab (ours): fold the channel scalings into a copy of the FP model (:func:`fold.fold_scalings`,
-    the same function), quantize it with per-channel weight bounds, DOBI, then DQC against the original FP
-    model. Deploys as 2DQuant: per-tensor activation quantizers at the same 384 places, per-channel weight
-    steps applied to the integer GEMM's output rows, the scalings inside LayerNorm and the FP weights."""
+    the same function), quantize it with per-channel weight bounds, DOBI, then DQC of the bounds and the tuned
+    LayerNorms and biases against the original FP model. Deploys as 2DQuant: per-tensor activation quantizers
+    at the same 384 places, per-channel weight steps applied to the integer GEMM's output rows, the scalings
+    and tuned values inside LayerNorm, the FP weights and the biases."""
     s = c.settings
     folded = fold.fold_scalings(copy.deepcopy(c.fp_model), c.batch, s["fold"], s["alpha"])
     return distill(c, calibrate.dobi(c.start(folded), c.batch, mode=s["dobi_mode"]))
@@ -471,7 +478,8 @@ def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dic
             f"2DQuant, DQC {longer} iterations": ("2dquant", fixed or {"iterations": longer}),
             "quantlab (ours)": ("quantlab", fixed),
             "- per-channel weights": ("quantlab", fixed | {"per_channel_weights": False}),
-            "- every scaling": ("quantlab", fixed | {"fold": []})}
+            "- every scaling": ("quantlab", fixed | {"fold": []}),
+            "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": []})}
     rows |= {f"- {label} scaling": ("quantlab", fixed | {"fold": [p for p in fold.PLACES if p != place]})
              for place, label in fold.PLACES.items()}
     rows |= {f"- longer DQC ({DQC_PRESETS[preset].iterations} iterations)":

@@ -92,3 +92,17 @@ def test_the_recipe_runs_the_same_operations_as_2dquant_and_saves(fp_model, trai
     again = load_quantized(tmp_path / "ours.pt", fp_model)
     with torch.no_grad():
         assert torch.equal(again(x), ours(x))
+
+
+def test_dqc_tunes_only_the_named_fp_parameters(fp_model, train_folder):
+    patches = torch.rand(4, 3, 16, 16)
+    options = dict(patches=patches, train_folder=train_folder, progress=False, iterations=2, patch_size=16)
+    tuned = quantize_with(fp_model, "quantlab", 2, **options)
+    untuned = quantize_with(fp_model, "quantlab", 2, tune=[], **options)
+    block, same = tuned.layers[0].blocks[0], untuned.layers[0].blocks[0]
+    assert not torch.equal(block.norm1.weight, same.norm1.weight)
+    assert not torch.equal(block.mlp.fc1.linear.bias, same.mlp.fc1.linear.bias)
+    assert torch.equal(block.mlp.fc1.linear.weight, same.mlp.fc1.linear.weight)
+    assert torch.equal(tuned.conv_first.weight, untuned.conv_first.weight)
+    with pytest.raises(ValueError, match="cannot tune"):
+        quantize_with(fp_model, "quantlab", 2, tune=["conv"], **options)
