@@ -165,3 +165,23 @@ def test_reproduce_full_passes_its_preset_to_the_notebooks_and_the_grids(monkeyp
     with pytest.raises(SystemExit):
         main(["reproduce", "--full", "--preset", "quick"])
     assert "invalid choice: 'quick'" in capsys.readouterr().err
+
+
+def test_the_recipe_quantizes_evaluates_and_exports_like_every_method(tiny_checkpoint, train_folder, tmp_path, capsys):
+    """quantlab's own recipe (folded scalings, per-channel weights, tuned LayerNorms) through the CLI: its packed
+    deployable file runs the same outputs, and eval reads its quantized file."""
+    import torch
+
+    from quantlab.cost import load_packed
+
+    main(["quantize", "--model", str(tiny_checkpoint), "--method", "quantlab", "--bits", "2", "--data", str(train_folder),
+          "--iterations", "2", "--out", str(tmp_path / "q.pt"), "--export-packed", str(tmp_path / "q.safetensors")])
+    qmodel = load_quantized(tmp_path / "q.pt", load_model(tiny_checkpoint))
+    assert qmodel.method_config.method == "quantlab" and qmodel.method_config.settings["dqc"]["iterations"] == 2
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "q.safetensors")(x), qmodel(x))
+    capsys.readouterr()
+    main(["eval", "--model", str(tiny_checkpoint), "--quantized", str(tmp_path / "q.pt"), "--datasets", "Set5",
+          "--limit", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["Set5"]["images"] == 1
