@@ -16,11 +16,15 @@ packed weights and the rel-pos tables), ``position_tables`` (float32, the rel-po
 as metadata. Derivable buffers (relative-position indices, attention masks, the RGB mean) are not stored.
 :func:`fp_size` writes the FP model the same way. :func:`measured_compression` is fp / packed bytes,
 by default counted as the paper counts (the rel-pos tables' bytes left out of both files).
+
+:func:`operation_counts`: the aten operations a forward dispatches, by name, to check that two quantized models
+(e.g. quantlab's recipe and 2DQuant) run the same work.
 """
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .files import atomic_path
 from .quant import QuantConfig, QuantLinear, integer_levels, quantize, quantizers, repaired_upper
@@ -191,3 +196,20 @@ def measured_compression(qmodel: nn.Module, paper_count: bool = True) -> float:
     (P + T) / (P - Q + T + Q b / 32), T = 32,400 table entries on SwinIR-light, 2.86 at 4 bits for x4)."""
     tables = 4 * sum(v.numel() for k, v in qmodel.named_parameters() if POSITION_TABLE in k) if paper_count else 0
     return (fp_size(qmodel) - tables) / (packed_size(qmodel) - tables)
+
+
+class _OperationCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operation_counts(model: nn.Module, x: torch.Tensor) -> Counter:
+    """{aten operation name: calls} of one forward of ``model`` on ``x`` (N, 3, h, w) with grad disabled."""
+    with torch.no_grad(), _OperationCounter() as counter:
+        model(x)
+    return counter.counts

@@ -1,13 +1,12 @@
 """quantlab's own recipe: the folded channel scalings change nothing in FP and add no operation when quantized."""
 import copy
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantlab import fold
 from quantlab.checkpoints import load_model
+from quantlab.cost import operation_counts
 from quantlab.pipeline import load_quantized, quantize_with, save_quantized
 from quantlab.quant import QuantConfig, quantize, quantizers, set_mode
 
@@ -61,24 +60,6 @@ def test_bad_places_and_alpha_are_refused(fp_model):
         fold.fold_scalings(copy.deepcopy(fp_model), torch.rand(1, 3, 8, 8), alpha=1.5)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten operations a forward dispatches, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def operations(model: torch.nn.Module, x: torch.Tensor) -> Counter:
-    with torch.no_grad(), OpCounter() as counter:
-        model(x)
-    return counter.ops
-
-
 def test_the_recipe_runs_the_same_operations_as_2dquant_and_saves(fp_model, train_folder, tmp_path):
     patches, x = torch.rand(4, 3, 16, 16), torch.rand(1, 3, 16, 16)
     ours = quantize_with(fp_model, "quantlab", 2, patches=patches, train_folder=train_folder, progress=False,
@@ -87,7 +68,7 @@ def test_the_recipe_runs_the_same_operations_as_2dquant_and_saves(fp_model, trai
                               iterations=2, patch_size=16)
     assert all(q.per_channel for name, q in quantizers(ours) if q.kind == "weight")
     assert [(n, q.kind) for n, q in quantizers(ours)] == [(n, q.kind) for n, q in quantizers(reference)]
-    assert operations(ours, x) == operations(reference, x)
+    assert operation_counts(ours, x) == operation_counts(reference, x)
     save_quantized(ours, fp_model, tmp_path / "ours.pt")
     again = load_quantized(tmp_path / "ours.pt", fp_model)
     with torch.no_grad():

@@ -1,0 +1,68 @@
+"""quantlab's recipe against 2DQuant: calibration time (quick preset), operations and time of the quantized forward.
+
+    python benchmarks/recipe_cost.py [--model default-x2] [--bits 2] [--rounds 1] [--image 96]
+
+Prints, per round (alternating, so that both see the same machine load), the whole calibration of each
+method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: fold, per-channel DOBI,
+150 DQC iterations with the tuned LayerNorms and biases) and the ratio quantlab / 2DQuant (target <= 3x);
+then the aten operations of one forward of each quantized model (target: the same counts) and their
+inference times on one LR image of ``--image`` pixels square (target ratio 1.0).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from quantlab import load_model
+from quantlab.cost import operation_counts
+from quantlab.data import calibration_patches
+from quantlab.pipeline import quantize_with
+
+METHODS = ("2dquant", "quantlab")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default-x2")
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--image", type=int, default=96, help="side of the LR input of the inference timing")
+    args = parser.parse_args()
+    model = load_model(args.model)
+    patches = calibration_patches(n=32, size=64, scale=model.config.scale)
+    print(f"model: {args.model}; threads: {torch.get_num_threads()}; W{args.bits}A{args.bits}, quick preset")
+    quantize_with(model, "dobi", args.bits, patches=patches, progress=False)  # warm-up: heap, MKL
+    seconds = {name: [] for name in METHODS}
+    qmodels = {}
+    for round_ in range(1, args.rounds + 1):
+        for name in METHODS:
+            start = time.perf_counter()
+            qmodels[name] = quantize_with(model, name, args.bits, patches=patches, progress=False)
+            seconds[name].append(time.perf_counter() - start)
+            print(f"  round {round_}: {name} calibration {seconds[name][-1]:.1f} s", flush=True)
+    ratios = [ours / base for ours, base in zip(seconds["quantlab"], seconds["2dquant"])]
+    print(f"calibration quantlab / 2DQuant per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x   target 3x")
+
+    x = torch.rand(1, 3, args.image, args.image)
+    counts = {name: operation_counts(qmodel, x) for name, qmodel in qmodels.items()}
+    differing = sorted(op for op in counts["2dquant"] | counts["quantlab"] if counts["2dquant"][op] != counts["quantlab"][op])
+    print(f"aten operations of one forward: 2DQuant {sum(counts['2dquant'].values())}, quantlab "
+          f"{sum(counts['quantlab'].values())}; differing operations: {differing or 'none'}   target none")
+    times = {name: [] for name in METHODS}
+    with torch.no_grad():
+        for _ in range(args.rounds + 1):  # the first round warms up
+            for name, qmodel in qmodels.items():
+                start = time.perf_counter()
+                qmodel(x)
+                times[name].append(time.perf_counter() - start)
+    base, ours = statistics.median(times["2dquant"][1:]), statistics.median(times["quantlab"][1:])
+    print(f"inference on {args.image}x{args.image}: 2DQuant {base:.2f} s, quantlab {ours:.2f} s, ratio {ours / base:.2f}"
+          "   target 1.00")
+
+
+if __name__ == "__main__":
+    main()
