@@ -45,7 +45,7 @@ def test_dobi_mode_is_recorded_and_refused_for_methods_without_dobi(tiny_checkpo
     assert load_quantized(out, load_model(tiny_checkpoint)).method_config.settings["dobi_mode"] == "release"
     with pytest.raises(SystemExit) as exit_:
         main(["quantize", "--method", "minmax", "--dobi-mode", "release", "--out", "q.pt"])
-    assert exit_.value.code == 2 and "--dobi-mode applies to --method dobi/2dquant/condiquant only" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--dobi-mode applies to --method dobi/2dquant/condiquant/quantlab only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
