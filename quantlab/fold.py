@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-PLACES = {"norm": "LayerNorm -> q/k/v, fc1", "qk": "q/k", "v": "v -> proj"}  # name: what it scales
+PLACES = ("norm", "qk", "v")  # LayerNorm -> q/k/v and fc1; q/k; v -> proj
 DEFAULT_ALPHA = 0.5  # SmoothQuant's default migration strength
 MIN_FACTOR = 1e-5  # a channel that never fires gets no smaller a factor than this
 
@@ -86,7 +86,7 @@ def fold_scalings(model: nn.Module, patches: torch.Tensor, places: Sequence[str]
     ``alpha`` in [0, 1]. The function is unchanged (float64 factors; float32 rounding only). Returns ``model``."""
     unknown = set(places) - set(PLACES)
     if unknown or not 0 <= alpha <= 1:
-        raise ValueError(f"places must be among {list(PLACES)} (got {sorted(unknown)}) and alpha in [0, 1] (got {alpha})")
+        raise ValueError(f"places must be among {PLACES} (got {sorted(unknown)}) and alpha in [0, 1] (got {alpha})")
     ranges = channel_ranges(model, patches)
     blocks = [block for layer in model.layers for block in layer.blocks]
     for block, peak in zip(blocks, ranges):

@@ -478,10 +478,8 @@ def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dic
             f"2DQuant, DQC {longer} iterations": ("2dquant", fixed or {"iterations": longer}),
             "quantlab (ours)": ("quantlab", fixed),
             "- per-channel weights": ("quantlab", fixed | {"per_channel_weights": False}),
-            "- every scaling": ("quantlab", fixed | {"fold": []}),
+            "- channel scalings": ("quantlab", fixed | {"fold": []}),
             "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": []})}
-    rows |= {f"- {label} scaling": ("quantlab", fixed | {"fold": [p for p in fold.PLACES if p != place]})
-             for place, label in fold.PLACES.items()}
     rows |= {f"- longer DQC ({DQC_PRESETS[preset].iterations} iterations)":
              ("quantlab", fixed or {"iterations": DQC_PRESETS[preset].iterations})}
     unique: dict[str, tuple[str, dict]] = {}
