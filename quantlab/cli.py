@@ -325,13 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--preset", default="quick", choices=methods.PRESETS, help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
-                    help="dobi/2dquant/condiquant/quantlab: one-sided search for post-softmax/GELU tensors (paper), "
+                    help=f"{'/'.join(methods.taking('dobi_mode'))}: one-sided search for post-softmax/GELU tensors (paper), "
                     "symmetric everywhere (release) or the paper's Algorithm 1 read literally (algorithm1); "
                     "default: the preset's (release under --preset release, else paper)")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--iterations", type=positive_int, default=None,
-                    help="dqc/2dquant/condiquant/quantlab: DQC iterations (default: the preset's)")
+                    help=f"{'/'.join(methods.taking('iterations'))}: DQC iterations (default: the preset's)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", default=None, help=DEVICE_HELP)

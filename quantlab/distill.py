@@ -161,8 +161,7 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
 
 
 # FP parameters DQC may train beside the bounds, each an existing parameter of the deployed model (no new operation)
-TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears",
-           "position": "the relative-position bias tables of the attentions"}
+TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears"}
 
 
 def tunable_parameters(qmodel: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
@@ -177,8 +176,6 @@ def tunable_parameters(qmodel: nn.Module, groups: Iterable[str]) -> list[nn.Para
         params += [p for block in blocks for norm in (block.norm1, block.norm2) for p in (norm.weight, norm.bias)]
     if "bias" in groups:
         params += [m.linear.bias for m in qmodel.modules() if isinstance(m, QuantLinear) and m.linear.bias is not None]
-    if "position" in groups:
-        params += [block.attn.relative_position_bias_table for block in blocks]
     return params
 
 

@@ -34,19 +34,22 @@ def channel_ranges(model: nn.Module, patches: torch.Tensor) -> list[dict[str, to
     blocks = [block for layer in model.layers for block in layer.blocks]
     ranges: list[dict[str, torch.Tensor]] = [{} for _ in blocks]
 
-    def record(store: dict, names: Sequence[str], source: str):
+    def peak(store: dict, name: str, x: torch.Tensor) -> None:
+        value = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+        store[name] = torch.maximum(store[name], value) if name in store else value
+
+    def record_qkv(store: dict):
         def hook(module, inputs, output):
-            x = inputs[0] if source == "input" else output
-            peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
-            for name, part in zip(names, peak.chunk(len(names))):
-                store[name] = torch.maximum(store[name], part) if name in store else part
+            peak(store, "attn_in", inputs[0])
+            for name, part in zip(("q", "k", "v"), output.chunk(3, dim=-1)):
+                peak(store, name, part)
         return hook
 
     handles = []
     for block, store in zip(blocks, ranges):
-        handles += [block.attn.qkv.register_forward_hook(record(store, ["attn_in"], "input")),
-                    block.attn.qkv.register_forward_hook(record(store, ["q", "k", "v"], "output")),
-                    block.mlp.fc1.register_forward_hook(record(store, ["mlp_in"], "input"))]
+        handles += [block.attn.qkv.register_forward_hook(record_qkv(store)),
+                    block.mlp.fc1.register_forward_pre_hook(
+                        lambda module, inputs, store=store: peak(store, "mlp_in", inputs[0]))]
     try:
         with torch.no_grad():
             model.eval()(patches.to(next(model.parameters()).device))
@@ -64,11 +67,17 @@ def migration(act_peak: torch.Tensor, weight: torch.Tensor, alpha: float) -> tor
 
 
 @torch.no_grad()
-def scale_norm_into_linear(norm: nn.LayerNorm, linear: nn.Linear, factors: torch.Tensor) -> None:
-    """x' = x / s after ``norm`` (gamma / s, beta / s), W'[:, j] = W[:, j] s_j in ``linear``: the same output."""
+def fold_into_norm(norm: nn.LayerNorm, linears: Sequence[nn.Linear], factors: torch.Tensor,
+                   shift: torch.Tensor | None = None) -> None:
+    """Rescale ``norm``'s output y to y / s - shift (gamma / s, beta / s - shift) and compensate in each of the
+    ``linears`` it feeds: W'[:, j] = W[:, j] s_j, bias + W' shift. The same outputs; float64. Also RepQ-ViT's fold."""
     norm.weight.copy_(norm.weight.double() / factors)
-    norm.bias.copy_(norm.bias.double() / factors)
-    linear.weight.copy_(linear.weight.double() * factors)
+    norm.bias.copy_(norm.bias.double() / factors - (0 if shift is None else shift))
+    for linear in linears:
+        weight = linear.weight.double() * factors
+        if shift is not None:
+            linear.bias.copy_(linear.bias.double() + weight @ shift)
+        linear.weight.copy_(weight)
 
 
 @torch.no_grad()
@@ -87,6 +96,8 @@ def fold_scalings(model: nn.Module, patches: torch.Tensor, places: Sequence[str]
     unknown = set(places) - set(PLACES)
     if unknown or not 0 <= alpha <= 1:
         raise ValueError(f"places must be among {PLACES} (got {sorted(unknown)}) and alpha in [0, 1] (got {alpha})")
+    if not places:
+        return model
     ranges = channel_ranges(model, patches)
     blocks = [block for layer in model.layers for block in layer.blocks]
     for block, peak in zip(blocks, ranges):
@@ -100,6 +111,6 @@ def fold_scalings(model: nn.Module, patches: torch.Tensor, places: Sequence[str]
             scale_rows(attn.qkv, slice(2 * dim, 3 * dim), 1 / s)
             attn.proj.weight.copy_(attn.proj.weight.double() * s)
         if "norm" in places:
-            scale_norm_into_linear(block.norm1, attn.qkv, migration(peak["attn_in"], attn.qkv.weight, alpha))
-            scale_norm_into_linear(block.norm2, block.mlp.fc1, migration(peak["mlp_in"], block.mlp.fc1.weight, alpha))
+            fold_into_norm(block.norm1, [attn.qkv], migration(peak["attn_in"], attn.qkv.weight, alpha))
+            fold_into_norm(block.norm2, [block.mlp.fc1], migration(peak["mlp_in"], block.mlp.fc1.weight, alpha))
     return model

@@ -307,11 +307,10 @@ def dobi_mode_of(preset: str) -> str:
 
 def distill(calibration: Calibration, qmodel: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
     """DQC of ``qmodel`` with the resolved ``dqc`` settings (resumable from the calibration's checkpoint)."""
-    settings = calibration.settings
+    tuning = {k: calibration.settings[k] for k in ("tune", "tune_lr") if k in calibration.settings}
     return dqc(qmodel, teacher or calibration.fp_model, dqc_preset(calibration.config),
                train_folder=calibration.train_folder, checkpoint=calibration.checkpoint,
-               progress=calibration.progress, method=calibration.config.method,
-               tune=settings.get("tune", ()), tune_lr=settings.get("tune_lr", RECIPE_TUNE_LR))
+               progress=calibration.progress, method=calibration.config.method, **tuning)
 
 
 # Handlers -----------------------------------------------------------------------------------------
@@ -469,7 +468,7 @@ def run_recipe(c: Calibration) -> nn.Module:
 
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
     """The rows of the recipe's ablation, {label: (method, overrides)} for :func:`quantlab.results.ablation_grid`:
-    2DQuant at its preset and with the recipe's DQC iterations (the same calibration time), the recipe, and
+    2DQuant at its preset and with the recipe's DQC iterations (about 0.9x its calibration time), the recipe, and
     the recipe with each component off. ``iterations`` (e.g. a quick check) replaces every row's DQC length;
     rows that then coincide are given once."""
     fixed = {} if iterations is None else {"iterations": iterations}

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import calibrate
+from .fold import fold_into_norm
 from .quant import (LINEAR_INPUT, MIN_RANGE, POST_SOFTMAX, FakeQuantizer, QuantLinear, SplitQuantLinear,
                     fake_quantize, quantizers, set_mode, use_per_channel_weights)
 
@@ -290,14 +291,8 @@ def fold(norm: nn.LayerNorm, linears: Sequence[QuantLinear], lower: torch.Tensor
     step = (upper.double() - lower.double()) / levels
     zero = torch.round(-lower.double() / step)
     mean_step, mean_zero = step.mean(), zero.mean()
-    r = step / mean_step
-    shift = (mean_zero - zero) * mean_step
-    norm.weight.copy_(norm.weight.double() / r)
-    norm.bias.copy_(norm.bias.double() / r - shift)
+    fold_into_norm(norm, [linear.linear for linear in linears], step / mean_step, (mean_zero - zero) * mean_step)
     for linear in linears:
-        weight = linear.linear.weight.double() * r
-        linear.linear.bias.copy_(linear.linear.bias.double() + weight @ shift)
-        linear.linear.weight.copy_(weight)
         linear.act.set_bounds(-mean_zero * mean_step, (levels - mean_zero) * mean_step)
 
 
