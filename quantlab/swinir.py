@@ -100,9 +100,10 @@ class WindowAttention(nn.Module):
 
     def attention_bias(self, n: int, mask: torch.Tensor | None) -> torch.Tensor:
         """The relative-position bias of N = ``n`` tokens, (1, heads, N, N), plus ``mask`` (nW, N, N) when
-        given: (nW, heads, N, N)."""
+        given: (nW, heads, N, N); contiguous, so that the softmax rows read it with unit stride (a
+        heads-last layout made the fused kernel and the quantized path's bias add ~10% slower)."""
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        bias = bias.permute(2, 0, 1)[None]
+        bias = bias.permute(2, 0, 1).contiguous()[None]
         return bias if mask is None else mask[:, None] + bias
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,20 @@ def test_every_inference_attention_path_matches_the_oracle(official_checkpoint, 
             assert (model(x).double() - oracle_forward(state, x, config)).abs().max() <= 1e-5
 
 
+def test_attention_bias_is_contiguous_with_and_without_mask():
+    """The bias the softmax rows read is laid out heads-major (unit stride along the keys), with the shift
+    mask added or not, and holds the table's entries at the relative-position index."""
+    attn = swinir.WindowAttention(dim=12, num_heads=3, window=4)
+    n = 16
+    mask = shifted_window_mask(8, 8, 4, 2)
+    for bias in (attn.attention_bias(n, None), attn.attention_bias(n, mask)):
+        assert bias.is_contiguous() and bias.shape[1:] == (3, n, n)
+    index = relative_position_index(4)
+    expected = attn.relative_position_bias_table[index.reshape(-1)].reshape(n, n, 3).permute(2, 0, 1)
+    assert torch.equal(attn.attention_bias(n, None)[0], expected)
+    assert torch.equal(attn.attention_bias(n, mask), mask[:, None] + expected)
+
+
 def test_attention_path_is_measured_once_per_key(monkeypatch):
     """The first call for a key runs every path (timed) and returns the faster one's output; later calls
     run only that path; a pinned path runs alone; a wrong pin names the variable and the choices."""
