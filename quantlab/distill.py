@@ -17,13 +17,14 @@ Presets (CPU budget measured on the 2-core machine is in the README):
   CPU cores, for tests and quick notebooks.
 
 quantlab's own recipe (:mod:`quantlab.methods`) also trains FP parameters the deployed model already has
-(``tune``, :data:`TUNABLE`: LayerNorm affine, linear biases) beside the bounds, at their own learning rate.
+(``tune``, :data:`TUNABLE`: LayerNorm affine, linear biases, linear weights) beside the bounds, each group at
+its own learning rate.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -161,22 +162,22 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
 
 
 # FP parameters DQC may train beside the bounds, each an existing parameter of the deployed model (no new operation)
-TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears"}
+TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears",
+            "weight": "the weights of the quantized linears, through their quantizer's straight-through gradient "
+                      "(Eq. 2: inside [l, u] only), so that each can move to the other side of a rounding step"}
 
 
-def tunable_parameters(qmodel: nn.Module, groups: Iterable[str]) -> list[nn.Parameter]:
-    """The FP parameters of ``groups`` (keys of :data:`TUNABLE`) in ``qmodel``, in module order."""
-    groups = list(groups)
-    unknown = set(groups) - set(TUNABLE)
-    if unknown:
-        raise ValueError(f"cannot tune {sorted(unknown)}; choose among {list(TUNABLE)}")
-    blocks = [block for layer in qmodel.layers for block in layer.blocks]
-    params = []
-    if "norm" in groups:
-        params += [p for block in blocks for norm in (block.norm1, block.norm2) for p in (norm.weight, norm.bias)]
-    if "bias" in groups:
-        params += [m.linear.bias for m in qmodel.modules() if isinstance(m, QuantLinear) and m.linear.bias is not None]
-    return params
+def tunable_parameters(qmodel: nn.Module, group: str) -> list[nn.Parameter]:
+    """The FP parameters of ``group`` (a key of :data:`TUNABLE`) in ``qmodel``, in module order."""
+    if group not in TUNABLE:
+        raise ValueError(f"cannot tune {group!r}; choose among {list(TUNABLE)}")
+    if group == "norm":
+        blocks = [block for layer in qmodel.layers for block in layer.blocks]
+        return [p for block in blocks for norm in (block.norm1, block.norm2) for p in (norm.weight, norm.bias)]
+    linears = [m.linear for m in qmodel.modules() if isinstance(m, QuantLinear)]
+    if group == "bias":
+        return [linear.bias for linear in linears if linear.bias is not None]
+    return [linear.weight for linear in linears]
 
 
 Schedule = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]  # (optimizer, iterations)
@@ -326,7 +327,7 @@ def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, s
     """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
     (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed, the
     SHA-256 of the teacher's weights, the file names of the training images and, when FP parameters train
-    too, ``tuned`` (their groups and lr). JSON-normalized, as stored."""
+    too, ``tuned`` ({group: lr}). JSON-normalized, as stored."""
     quant_config = getattr(qmodel, "quant_config", None)
     return json.loads(json.dumps(({"tuned": tuned} if tuned else {}) | {
         "method": method,
@@ -357,10 +358,11 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
 
 def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick",
         train_folder: str | Path | None = None, checkpoint: str | Path | None = None, seed: int = 0,
-        progress: bool = True, method: str = "dqc", tune: Sequence[str] = (), tune_lr: float = 1e-2,
+        progress: bool = True, method: str = "dqc", tune: Mapping[str, float] | None = None,
         **overrides) -> nn.Module:
-    """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place. ``tune``: groups of
-    FP parameters (:data:`TUNABLE`) trained with them at ``tune_lr`` (same schedule), as quantlab's recipe does.
+    """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place. ``tune``: {group of
+    FP parameters (:data:`TUNABLE`): Adam learning rate}, trained with the bounds (same schedule; a rate of 0
+    leaves the group frozen), as quantlab's recipe does.
 
     ``checkpoint``: a file written every ``checkpoint_every`` iterations. An existing one is resumed
     only when its :func:`run_fingerprint` equals this run's (``method`` names the PTQ method the run
@@ -371,14 +373,16 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     config = replace(get_preset(preset), **overrides)
     scale = fp_model.config.scale
     sampler = seeded_sampler(scale, config.patch_size, train_folder, seed)
-    bounds, tuned = bound_parameters(qmodel), tunable_parameters(qmodel, tune)
-    trainer = BoundTrainer(qmodel, fp_model, bounds + tuned, sampler, config.iterations, config.batch_size,
-                           config.lr, lambda_schedule(config.schedule), config.betas, config.loss,
+    tune = dict(tune or {})
+    tuned = [(p, rate) for group, rate in tune.items() for p in tunable_parameters(qmodel, group) if rate]
+    bounds = bound_parameters(qmodel)
+    trainer = BoundTrainer(qmodel, fp_model, bounds + [p for p, _ in tuned], sampler, config.iterations,
+                           config.batch_size, config.lr, lambda_schedule(config.schedule), config.betas, config.loss,
                            summed_feature_loss, config.feature_weight, name="DQC",
-                           lrs=[config.lr] * len(bounds) + [tune_lr] * len(tuned) if tuned else None)
+                           lrs=[config.lr] * len(bounds) + [rate for _, rate in tuned])
     path = Path(checkpoint) if checkpoint else None
     fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths],
-                                  {"groups": list(tune), "lr": tune_lr} if tune else None) if path else None
+                                  {group: rate for group, rate in tune.items() if rate}) if path else None
     if path:
         trainer.resume(path, fingerprint)
 

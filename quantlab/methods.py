@@ -307,10 +307,9 @@ def dobi_mode_of(preset: str) -> str:
 
 def distill(calibration: Calibration, qmodel: nn.Module, teacher: nn.Module | None = None) -> nn.Module:
     """DQC of ``qmodel`` with the resolved ``dqc`` settings (resumable from the calibration's checkpoint)."""
-    tuning = {k: calibration.settings[k] for k in ("tune", "tune_lr") if k in calibration.settings}
     return dqc(qmodel, teacher or calibration.fp_model, dqc_preset(calibration.config),
                train_folder=calibration.train_folder, checkpoint=calibration.checkpoint,
-               progress=calibration.progress, method=calibration.config.method, **tuning)
+               progress=calibration.progress, method=calibration.config.method, tune=calibration.settings.get("tune"))
 
 
 # Handlers -----------------------------------------------------------------------------------------
@@ -436,19 +435,27 @@ def run_noisyquant(c: Calibration) -> nn.Module:
 # quantlab's own recipe (quantlab/fold.py + DOBI + DQC) -----------------------------------------------
 
 RECIPE_ITERATIONS = {"quick": 150, "paper": 3000, "release": 3000}  # quick: 2.5x DQC's 60, within 3x 2DQuant's time
-RECIPE_TUNE = ["norm", "bias"]  # FP parameters DQC trains with the bounds (distill.TUNABLE)
-RECIPE_TUNE_LR = 1e-2
+RECIPE_TUNE = {"norm": 1e-2, "bias": 1e-2}  # FP parameters DQC trains with the bounds: {distill.TUNABLE group: lr}
+RECIPE_WEIGHT_LR = 1e-3  # the weights' lr at 2 bits, halved per extra bit as their rounding step about is
 
 
-def recipe_settings(preset: str) -> dict:
-    """quantlab (ours): the channel scalings of :data:`fold.PLACES` folded offline at migration strength
-    ``alpha``, per-output-channel weight bounds, DOBI, then DQC of every bound for ``RECIPE_ITERATIONS``, with
-    the FP parameters of ``tune`` (LayerNorm affine, linear biases) trained beside them at ``tune_lr``."""
+def recipe_tuning(bits: int) -> dict[str, float]:
+    """{group: lr} of the FP parameters the recipe's DQC trains: :data:`RECIPE_TUNE` and the linear weights at
+    ``RECIPE_WEIGHT_LR * 2^(2 - bits)`` (1e-3 at W2, 2.5e-4 at W4: about a constant fraction of a rounding step)."""
+    return RECIPE_TUNE | {"weight": RECIPE_WEIGHT_LR * 2.0 ** (2 - bits)}
+
+
+def recipe_settings(preset: str, bits: int) -> dict:
+    """quantlab (ours): per-output-channel weight bounds, DOBI, then DQC of every bound for ``RECIPE_ITERATIONS``,
+    with the FP parameters of ``tune`` (:func:`recipe_tuning`: LayerNorm affine, linear biases and weights) trained
+    beside them, each group at its learning rate (0: frozen). ``fold``: places of :data:`fold.PLACES` whose channel
+    scalings are folded offline first, at migration strength ``alpha`` (none by default: they did not help once the
+    weights train, README)."""
     if preset not in RECIPE_ITERATIONS:
         raise ValueError(f"quantlab's recipe has no preset {preset!r}; choose one of {list(RECIPE_ITERATIONS)}")
-    return {"fold": list(fold.PLACES), "alpha": fold.DEFAULT_ALPHA, "per_channel_weights": True,
+    return {"fold": [], "alpha": fold.DEFAULT_ALPHA, "per_channel_weights": True,
             "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset) | {"iterations": RECIPE_ITERATIONS[preset]},
-            "tune": RECIPE_TUNE, "tune_lr": RECIPE_TUNE_LR}
+            "tune": recipe_tuning(bits)}
 
 
 def prepare_recipe(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
@@ -456,11 +463,11 @@ def prepare_recipe(qmodel: nn.Module, config: MethodConfig) -> nn.Module:
 
 
 def run_recipe(c: Calibration) -> nn.Module:
-    """quantlab (ours): fold the channel scalings into a copy of the FP model (:func:`fold.fold_scalings`,
-    the same function), quantize it with per-channel weight bounds, DOBI, then DQC of the bounds and the tuned
-    LayerNorms and biases against the original FP model. Deploys as 2DQuant: per-tensor activation quantizers
-    at the same 384 places, per-channel weight steps applied to the integer GEMM's output rows, the scalings
-    and tuned values inside LayerNorm, the FP weights and the biases."""
+    """quantlab (ours): fold the channel scalings of ``fold`` (if any) into a copy of the FP model
+    (:func:`fold.fold_scalings`), quantize it with per-channel weight bounds, DOBI, then DQC of the bounds with the
+    LayerNorms, biases and weights it tunes, against the original FP model. Deploys as 2DQuant: per-tensor
+    activation quantizers at the same 384 places, per-channel weight steps applied to the integer GEMM's output
+    rows, and the tuned LayerNorms, weights and biases in place of the FP ones."""
     s = c.settings
     folded = fold.fold_scalings(copy.deepcopy(c.fp_model), c.batch, s["fold"], s["alpha"])
     return distill(c, calibrate.dobi(c.start(folded), c.batch, mode=s["dobi_mode"]))
@@ -469,16 +476,17 @@ def run_recipe(c: Calibration) -> nn.Module:
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
     """The rows of the recipe's ablation, {label: (method, overrides)} for :func:`quantlab.results.ablation_grid`:
     2DQuant at its preset and with the recipe's DQC iterations (about 0.9x its calibration time), the recipe, and
-    the recipe with each component off. ``iterations`` (e.g. a quick check) replaces every row's DQC length;
-    rows that then coincide are given once."""
+    the recipe with each component off (and with the channel scalings on). ``iterations`` (e.g. a quick check)
+    replaces every row's DQC length; rows that then coincide are given once."""
     fixed = {} if iterations is None else {"iterations": iterations}
     longer = RECIPE_ITERATIONS[preset]
     rows = {"2DQuant": ("2dquant", fixed),
             f"2DQuant, DQC {longer} iterations": ("2dquant", fixed or {"iterations": longer}),
             "quantlab (ours)": ("quantlab", fixed),
             "- per-channel weights": ("quantlab", fixed | {"per_channel_weights": False}),
-            "- channel scalings": ("quantlab", fixed | {"fold": []}),
-            "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": []})}
+            "- weight tuning": ("quantlab", fixed | {"tune": {"weight": 0}}),
+            "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": {"norm": 0, "bias": 0}}),
+            "+ channel scalings": ("quantlab", fixed | {"fold": list(fold.PLACES)})}
     rows |= {f"- longer DQC ({DQC_PRESETS[preset].iterations} iterations)":
              ("quantlab", fixed or {"iterations": DQC_PRESETS[preset].iterations})}
     unique: dict[str, tuple[str, dict]] = {}
@@ -534,7 +542,7 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS}, tables=("condiquant",)))
-register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: channel scalings folded offline, per-channel "
-                "weight bounds, DOBI, longer DQC (README 'Beyond the papers')", run_recipe,
-                settings=lambda preset, bits, scale: recipe_settings(preset), tuned=True, prepare=prepare_recipe,
+register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: per-channel weight bounds, DOBI, longer DQC "
+                "that also tunes the LayerNorms, biases and weights (README 'Beyond the papers')", run_recipe,
+                settings=lambda preset, bits, scale: recipe_settings(preset, bits), tuned=True, prepare=prepare_recipe,
                 choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False)}, compared=False))

@@ -7,6 +7,7 @@ import torch
 from quantlab import fold
 from quantlab.checkpoints import load_model
 from quantlab.cost import operation_counts
+from quantlab.distill import tunable_parameters
 from quantlab.pipeline import load_quantized, quantize_with, save_quantized
 from quantlab.quant import QuantConfig, quantize, quantizers, set_mode
 
@@ -79,11 +80,17 @@ def test_dqc_tunes_only_the_named_fp_parameters(fp_model, train_folder):
     patches = torch.rand(4, 3, 16, 16)
     options = dict(patches=patches, train_folder=train_folder, progress=False, iterations=2, patch_size=16)
     tuned = quantize_with(fp_model, "quantlab", 2, **options)
-    untuned = quantize_with(fp_model, "quantlab", 2, tune=[], **options)
-    block, same = tuned.layers[0].blocks[0], untuned.layers[0].blocks[0]
+    frozen = quantize_with(fp_model, "quantlab", 2, tune={"norm": 0, "bias": 0, "weight": 0}, **options)
+    weights_only = quantize_with(fp_model, "quantlab", 2, tune={"norm": 0, "bias": 0}, **options)
+    block, same, weights_block = (m.layers[0].blocks[0] for m in (tuned, frozen, weights_only))
     assert not torch.equal(block.norm1.weight, same.norm1.weight)
     assert not torch.equal(block.mlp.fc1.linear.bias, same.mlp.fc1.linear.bias)
-    assert torch.equal(block.mlp.fc1.linear.weight, same.mlp.fc1.linear.weight)
-    assert torch.equal(tuned.conv_first.weight, untuned.conv_first.weight)
-    with pytest.raises(ValueError, match="cannot tune"):
-        quantize_with(fp_model, "quantlab", 2, tune=["conv"], **options)
+    assert not torch.equal(block.attn.qkv.q.linear.weight, same.attn.qkv.q.linear.weight)
+    assert torch.equal(weights_block.norm1.weight, same.norm1.weight)
+    assert torch.equal(weights_block.mlp.fc1.linear.bias, same.mlp.fc1.linear.bias)
+    assert not torch.equal(weights_block.mlp.fc1.linear.weight, same.mlp.fc1.linear.weight)
+    assert torch.equal(tuned.conv_first.weight, frozen.conv_first.weight)
+    with pytest.raises(ValueError, match="has no setting 'tune.conv'"):
+        quantize_with(fp_model, "quantlab", 2, tune={"conv": 1e-2}, **options)
+    with pytest.raises(ValueError, match="cannot tune 'conv'"):
+        tunable_parameters(tuned, "conv")
