@@ -3,8 +3,8 @@
     python benchmarks/recipe_cost.py [--model default-x2] [--bits 2] [--rounds 1] [--image 96]
 
 Prints, per round (alternating, so that both see the same machine load), the whole calibration of each
-method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: fold, per-channel DOBI,
-150 DQC iterations with the tuned LayerNorms and biases) and the ratio quantlab / 2DQuant (target <= 3x);
+method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: per-channel DOBI, 150 DQC
+iterations with the tuned LayerNorms, biases and weights) and the ratio quantlab / 2DQuant (target <= 3x);
 then the aten operations of one forward of each quantized model (target: the same counts) and their
 inference times on one LR image of ``--image`` pixels square (target ratio 1.0).
 """

@@ -436,7 +436,7 @@ def run_noisyquant(c: Calibration) -> nn.Module:
 
 RECIPE_ITERATIONS = {"quick": 150, "paper": 3000, "release": 3000}  # quick: 2.5x DQC's 60, within 3x 2DQuant's time
 RECIPE_TUNE = {"norm": 1e-2, "bias": 1e-2}  # FP parameters DQC trains with the bounds: {distill.TUNABLE group: lr}
-RECIPE_WEIGHT_LR = 1e-3  # the weights' lr at 2 bits, halved per extra bit as their rounding step about is
+RECIPE_WEIGHT_LR = 1e-3  # the weights' lr at 2 bits; halved per extra bit, roughly as their rounding step shrinks
 
 
 def recipe_tuning(bits: int) -> dict[str, float]:
