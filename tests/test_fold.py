@@ -89,6 +89,7 @@ def test_dqc_tunes_only_the_named_fp_parameters(fp_model, train_folder):
     assert torch.equal(weights_block.norm1.weight, same.norm1.weight)
     assert torch.equal(weights_block.mlp.fc1.linear.bias, same.mlp.fc1.linear.bias)
     assert not torch.equal(weights_block.mlp.fc1.linear.weight, same.mlp.fc1.linear.weight)
+    assert torch.equal(same.mlp.fc1.linear.weight, fp_model.layers[0].blocks[0].mlp.fc1.weight)  # rate 0: frozen
     assert torch.equal(tuned.conv_first.weight, frozen.conv_first.weight)
     with pytest.raises(ValueError, match="has no setting 'tune.conv'"):
         quantize_with(fp_model, "quantlab", 2, tune={"conv": 1e-2}, **options)
