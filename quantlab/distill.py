@@ -163,8 +163,8 @@ def bound_parameters(qmodel: nn.Module) -> list[nn.Parameter]:
 
 # FP parameters DQC may train beside the bounds, each an existing parameter of the deployed model (no new operation)
 TUNABLE = {"norm": "the affine of every Swin block's LayerNorms", "bias": "the biases of the quantized linears",
-            "weight": "the weights of the quantized linears, through their quantizer's straight-through gradient "
-                      "(Eq. 2: inside [l, u] only), so that each can move to the other side of a rounding step"}
+           "weight": "the weights of the quantized linears, through their quantizer's straight-through gradient "
+                     "(Eq. 2: inside [l, u] only), so that each can move to the other side of a rounding step"}
 
 
 def tunable_parameters(qmodel: nn.Module, group: str) -> list[nn.Parameter]:

@@ -469,8 +469,9 @@ def run_recipe(c: Calibration) -> nn.Module:
     activation quantizers at the same 384 places, per-channel weight steps applied to the integer GEMM's output
     rows, and the tuned LayerNorms, weights and biases in place of the FP ones."""
     s = c.settings
-    folded = fold.fold_scalings(copy.deepcopy(c.fp_model), c.batch, s["fold"], s["alpha"])
-    return distill(c, calibrate.dobi(c.start(folded), c.batch, mode=s["dobi_mode"]))
+    # fold_scalings works in place: copy only when it has something to fold (it returns an unchanged model as is)
+    source = fold.fold_scalings(copy.deepcopy(c.fp_model) if s["fold"] else c.fp_model, c.batch, s["fold"], s["alpha"])
+    return distill(c, calibrate.dobi(c.start(source), c.batch, mode=s["dobi_mode"]))
 
 
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
