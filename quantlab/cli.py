@@ -176,9 +176,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """The method settings given as flags (``--teacher``, ``--dobi-mode``, ``--iterations``), checked against
-    ``--method``, ``--bits`` and ``--preset`` before any computation."""
-    given = {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode, "iterations": args.iterations}
+    """The method settings given as flags (``--teacher``, ``--dobi-mode``, ``--iterations``, ``--seed``), checked
+    against ``--method``, ``--bits`` and ``--preset`` before any computation."""
+    given = {"teacher": TEACHERS.get(args.teacher), "dobi_mode": args.dobi_mode, "iterations": args.iterations,
+             "seed": args.seed}
     options = {k: v for k, v in given.items() if v is not None}
     for name in options:
         users = methods.taking(name)
@@ -332,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
     qu.add_argument("--iterations", type=positive_int, default=None,
                     help=f"{'/'.join(methods.taking('iterations'))}: DQC iterations (default: the preset's)")
+    qu.add_argument("--seed", type=int, default=None,
+                    help=f"{'/'.join(methods.taking('seed'))}: the seed of the random sample the method draws "
+                    "(DQC's training patches, PTQ4ViT's and NoisyQuant's calibration subsets; default 0)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", default=None, help=DEVICE_HELP)

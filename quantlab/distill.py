@@ -54,6 +54,7 @@ class DQCPreset:
     dobi_mode: str = "paper"  # the DOBI initialisation that goes with this preset
     patch_size: int = 64  # LR crop side
     select_every: int | None = None  # check Set5 PSNR every N iterations and keep the best bounds
+    seed: int = 0  # the training-patch sampler's (and torch's global RNG at the start)
     checkpoint_every: int = 50
 
 
@@ -322,10 +323,10 @@ class BoundTrainer:
         return self.history
 
 
-def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, seed: int, method: str,
+def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, method: str,
                     training_images: list[str], tuned: dict | None = None) -> dict:
     """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
-    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``), seed, the
+    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every`` and ``seed``), seed, the
     SHA-256 of the teacher's weights, the file names of the training images and, when FP parameters train
     too, ``tuned`` ({group: lr}). JSON-normalized, as stored."""
     quant_config = getattr(qmodel, "quant_config", None)
@@ -333,8 +334,8 @@ def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, s
         "method": method,
         "quant_config": asdict(quant_config) if quant_config is not None else None,
         "quantizers": {name: q.bits for name, q in quantizers(qmodel)},
-        "preset": {k: v for k, v in asdict(config).items() if k != "checkpoint_every"},
-        "seed": seed,
+        "preset": {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "seed")},
+        "seed": config.seed,
         "teacher_sha256": weights_fingerprint(fp_model),
         "training_images": training_images,
     }))
@@ -357,9 +358,8 @@ def fingerprint_differences(stored: dict, current: dict) -> list[str]:
 
 
 def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick",
-        train_folder: str | Path | None = None, checkpoint: str | Path | None = None, seed: int = 0,
-        progress: bool = True, method: str = "dqc", tune: Mapping[str, float] | None = None,
-        **overrides) -> nn.Module:
+        train_folder: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True,
+        method: str = "dqc", tune: Mapping[str, float] | None = None, **overrides) -> nn.Module:
     """Train the bounds of ``qmodel`` (calibrated, e.g. by DOBI) against ``fp_model``; in place. ``tune``: {group of
     FP parameters (:data:`TUNABLE`): Adam learning rate}, trained with the bounds (same schedule; a rate of 0
     leaves the group frozen), as quantlab's recipe does.
@@ -368,11 +368,11 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
     only when its :func:`run_fingerprint` equals this run's (``method`` names the PTQ method the run
     belongs to, e.g. ``2dquant``); otherwise a ValueError names the file and the fields that differ,
     and the file is left untouched: delete it to start over, or checkpoint elsewhere. ``overrides``
-    replace preset fields (e.g. ``iterations=10``). The loop is :class:`BoundTrainer`'s.
+    replace preset fields (e.g. ``iterations=10``, ``seed=1``). The loop is :class:`BoundTrainer`'s.
     """
     config = replace(get_preset(preset), **overrides)
     scale = fp_model.config.scale
-    sampler = seeded_sampler(scale, config.patch_size, train_folder, seed)
+    sampler = seeded_sampler(scale, config.patch_size, train_folder, config.seed)
     tune = dict(tune or {})
     tuned = [(p, rate) for group, rate in tune.items() for p in tunable_parameters(qmodel, group) if rate]
     bounds = bound_parameters(qmodel)
@@ -381,7 +381,7 @@ def dqc(qmodel: nn.Module, fp_model: nn.Module, preset: str | DQCPreset = "quick
                            summed_feature_loss, config.feature_weight, name="DQC",
                            lrs=[config.lr] * len(bounds) + [rate for _, rate in tuned])
     path = Path(checkpoint) if checkpoint else None
-    fingerprint = run_fingerprint(qmodel, fp_model, config, seed, method, [p.name for p in sampler.paths],
+    fingerprint = run_fingerprint(qmodel, fp_model, config, method, [p.name for p in sampler.paths],
                                   {group: rate for group, rate in tune.items() if rate}) if path else None
     if path:
         trainer.resume(path, fingerprint)

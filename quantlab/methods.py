@@ -45,6 +45,9 @@ FP_BITS = 32  # the bits of the unquantized reference rows, as the papers' table
 TEACHERS = ("original", "conditioned")  # CondiQuant's DQC teacher
 CONDITIONING_PATCHES = 100  # CondiQuant: about 100 calibration images for the Gram matrices,
 CONDITIONING_PATCH_SIZE = 32  # as LR crops of 32x32: the paper's 19 s budget on 2 CPU cores (64x64: ~3x slower)
+# Settings added after cells were cached, at the value those cells ran with ({stage: {field: value}}): a key
+# leaves a setting out at that value, so every earlier cell keeps its key
+IMPLICIT_SETTINGS = {"dqc": {"seed": 0}}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,11 @@ class MethodConfig:
     tag: str = "-"
 
     def key(self) -> str:
-        """16 hex digits of the SHA-256 of (method, bits, settings): the results-cache key."""
-        text = json.dumps({"method": self.method, "bits": self.bits, "settings": self.settings}, sort_keys=True)
+        """16 hex digits of the SHA-256 of (method, bits, settings but those at their :data:`IMPLICIT_SETTINGS`
+        value): the results-cache key."""
+        settings = {stage: {k: v for k, v in fields.items() if (k, v) not in IMPLICIT_SETTINGS.get(stage, {}).items()}
+                    if isinstance(fields, dict) else fields for stage, fields in self.settings.items()}
+        text = json.dumps({"method": self.method, "bits": self.bits, "settings": settings}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def describe(self) -> str:

@@ -466,6 +466,8 @@ CLI_CASES = [
     Case("cli-quantize-iterations-minmax", nothing, cli("quantize", "--method", "minmax", "--iterations", "5", "--out",
                                                         "q"), SystemExit,
          r"--iterations applies to --method dqc/2dquant/condiquant/quantlab only \(got --method minmax\); drop --iterations"),
+    Case("cli-quantize-seed-minmax", nothing, cli("quantize", "--method", "minmax", "--seed", "1", "--out", "q"),
+         SystemExit, r"--seed applies to --method ptq4vit/noisyquant/dqc/2dquant/condiquant/quantlab only"),
     Case("cli-quantize-device", model_file, cli("quantize", "--model", model, "--method", "minmax", "--device", "bogus",
                                                 "--out", lambda f: str(f / "q.pt")), SystemExit, r"bogus"),
     Case("cli-eval-device", nothing, cli("eval", "--model", "bicubic", "--device", "bogus"), SystemExit, r"bogus"),

@@ -5,11 +5,13 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 
 from quantlab import cli, pipeline
 from quantlab.checkpoints import load_model
 from quantlab.cli import main
 from quantlab.pipeline import load_quantized, quantize_with
+from quantlab.quant import quantizers
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -87,6 +89,18 @@ def test_quantize_writes_the_file_and_removes_the_dqc_checkpoint(tiny_checkpoint
     assert out.is_file() and not out.with_suffix(".dqc.pt").exists()
     config = load_quantized(out, load_model(tiny_checkpoint)).method_config
     assert config.method == "dqc" and config.settings["dqc"]["iterations"] == 2
+
+
+def test_quantize_seed_draws_other_training_patches(tiny_checkpoint, train_folder, tmp_path):
+    bounds = {}
+    for seed in ("0", "1"):
+        out = tmp_path / f"q{seed}.pt"
+        main(["quantize", "--model", str(tiny_checkpoint), "--method", "dqc", "--bits", "4", "--data",
+              str(train_folder), "--iterations", "2", "--seed", seed, "--out", str(out)])
+        qmodel = load_quantized(out, load_model(tiny_checkpoint))
+        assert qmodel.method_config.settings["dqc"]["seed"] == int(seed)
+        bounds[seed] = torch.cat([q.upper.detach().reshape(-1) for _, q in quantizers(qmodel)])
+    assert not torch.equal(bounds["0"], bounds["1"])
 
 
 @pytest.mark.parametrize("teacher, expected", [(None, "original"), ("fp", "original"), ("conditioned", "conditioned")])

@@ -1,4 +1,5 @@
 """The method registry: every method reachable, labelled, resolved and cached under one key."""
+import hashlib
 import json
 
 import pytest
@@ -40,6 +41,17 @@ def test_spelled_out_defaults_resolve_to_the_same_key():
     # untuned methods: the preset does not change the cell
     assert methods.resolve("minmax", 4, "paper").key() == methods.resolve("minmax", 4, "quick").key()
     assert methods.resolve("minmax", 4, "quick").tag == "-"
+
+
+def test_a_setting_added_later_keeps_the_earlier_cells_keys_at_its_implicit_value():
+    quick = methods.resolve("quantlab", 3, "quick")
+    assert quick.settings["dqc"]["seed"] == 0 and quick.tag == "quick"
+    earlier = dict(quick.settings, dqc={k: v for k, v in quick.settings["dqc"].items() if k != "seed"})
+    text = json.dumps({"method": "quantlab", "bits": 3, "settings": earlier}, sort_keys=True)
+    assert quick.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    other = methods.resolve("quantlab", 3, "quick", seed=1)
+    assert other.key() != quick.key() and other.tag == "quick-seed=1" and other.settings["dqc"]["seed"] == 1
+    assert methods.resolve("quantlab", 3, "quick", seed=0).key() == quick.key()
 
 
 def test_overrides_are_checked_by_name_and_value():
