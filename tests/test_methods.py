@@ -162,3 +162,16 @@ def test_a_v1_quantized_file_still_loads(tiny_checkpoint, tmp_path):
     with torch.no_grad():
         assert torch.equal(qmodel(x), again(x))
     assert again.method_config == qmodel.method_config
+
+
+def test_the_recipe_ablation_has_a_row_per_component_and_undoes_the_recipe_crops():
+    quick = methods.resolve("quantlab", 2, "quick")
+    crops = {k: quick.settings["dqc"][k] for k in ("batch_size", "patch_size")}
+    dqc_crops = {k: methods.resolve("2dquant", 2, "quick").settings["dqc"][k] for k in crops}
+    assert crops == methods.RECIPE_CROPS["quick"] != dqc_crops
+    rows = methods.recipe_ablation("quick")
+    assert rows["- smaller crops (4 of 32x32)"] == ("quantlab", dqc_crops)
+    assert len({methods.resolve(m, 2, "quick", **o).key() for m, o in rows.values()}) == len(rows)
+    paper = methods.recipe_ablation("paper")
+    assert not any("crops" in label for label in paper)
+    assert methods.resolve("quantlab", 2, "paper").settings["dqc"]["batch_size"] == 32
