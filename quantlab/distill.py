@@ -326,9 +326,10 @@ class BoundTrainer:
 def run_fingerprint(qmodel: nn.Module, fp_model: nn.Module, config: DQCPreset, method: str,
                     training_images: list[str], tuned: dict | None = None) -> dict:
     """What a DQC checkpoint must match to be resumed: method, QuantConfig, quantizer names and bits
-    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every`` and ``seed``), seed, the
-    SHA-256 of the teacher's weights, the file names of the training images and, when FP parameters train
-    too, ``tuned`` ({group: lr}). JSON-normalized, as stored."""
+    (hence the number and order of the bounds), preset fields (all but ``checkpoint_every``; the seed as its
+    own entry, where checkpoints written before it was a preset field keep it), the SHA-256 of the teacher's
+    weights, the file names of the training images and, when FP parameters train too, ``tuned`` ({group: lr}).
+    JSON-normalized, as stored."""
     quant_config = getattr(qmodel, "quant_config", None)
     return json.loads(json.dumps(({"tuned": tuned} if tuned else {}) | {
         "method": method,
