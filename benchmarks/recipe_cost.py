@@ -3,10 +3,10 @@
     python benchmarks/recipe_cost.py [--model default-x2] [--bits 2] [--rounds 1] [--image 96]
 
 Prints, per round (alternating, so that all see the same machine load), the whole calibration of each
-method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: per-channel DOBI, 150 DQC
-iterations on 16 crops of 16x16 with the tuned LayerNorms, biases and weights; 2DQuant with the recipe's 150
-DQC iterations, the ablation's same-budget row) and the ratios quantlab / 2DQuant (target <= 3x) and 2DQuant at
-150 iterations / quantlab (the same-budget comparison: about 1); then the aten operations of one forward of
+method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: per-channel DOBI, 300 DQC
+iterations on 8 crops of 16x16 with the tuned LayerNorms, biases and weights; 2DQuant with 150 DQC iterations, as
+many LR pixels as the recipe's: the ablation's same-budget row) and the ratios quantlab / 2DQuant (target <= 3x)
+and 2DQuant at 150 iterations / quantlab (the same-budget comparison: about 1); then the aten operations of one forward of
 each quantized model (target: the same counts) and their inference times on one LR image of ``--image`` pixels
 square (target ratio 1.0).
 """
@@ -21,11 +21,11 @@ import torch
 from quantlab import load_model
 from quantlab.cost import operation_counts
 from quantlab.data import calibration_patches
-from quantlab.methods import RECIPE_ITERATIONS
+from quantlab.methods import same_pixels_iterations
 from quantlab.pipeline import quantize_with
 
 METHODS = ("2dquant", "quantlab")
-LONGER = "2dquant, recipe's iterations"  # timed only: 2DQuant given the recipe's DQC length
+LONGER = "2dquant, recipe's pixels"  # timed only: 2DQuant's DQC as long as the recipe's in LR pixels
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     patches = calibration_patches(n=32, size=64, scale=model.config.scale)
     print(f"model: {args.model}; threads: {torch.get_num_threads()}; W{args.bits}A{args.bits}, quick preset")
     quantize_with(model, "dobi", args.bits, patches=patches, progress=False)  # warm-up: heap, MKL
-    runs = {name: (name, {}) for name in METHODS} | {LONGER: ("2dquant", {"iterations": RECIPE_ITERATIONS["quick"]})}
+    runs = {name: (name, {}) for name in METHODS} | {LONGER: ("2dquant", {"iterations": same_pixels_iterations()})}
     seconds = {name: [] for name in runs}
     qmodels = {}
     for round_ in range(1, args.rounds + 1):
@@ -52,7 +52,7 @@ def main() -> None:
     print(f"calibration quantlab / 2DQuant per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}x   target 3x")
     same = [longer / ours for longer, ours in zip(seconds[LONGER], seconds["quantlab"])]
-    print(f"calibration 2DQuant at {RECIPE_ITERATIONS['quick']} DQC iterations / quantlab per round: "
+    print(f"calibration 2DQuant at {same_pixels_iterations()} DQC iterations / quantlab per round: "
           f"{', '.join(f'{r:.2f}x' for r in same)}; median {statistics.median(same):.2f}x   (same budget: about 1)")
     del qmodels[LONGER]
 

@@ -440,10 +440,11 @@ def run_noisyquant(c: Calibration) -> nn.Module:
 
 # quantlab's own recipe (quantlab/fold.py + DOBI + DQC) -----------------------------------------------
 
-RECIPE_ITERATIONS = {"quick": 150, "paper": 3000, "release": 3000}  # quick: 2.5x DQC's 60, within 3x 2DQuant's time
-# quick: DQC's 4096 LR pixels per step as 16 crops of 16x16 instead of 4 of 32x32 (as many attention windows, about
-# the same cost): more images per step. The paper-scale presets keep DQC's 32 crops of 64x64 (not measured here)
-RECIPE_CROPS = {"quick": {"batch_size": 16, "patch_size": 16}}
+# quick: 300 steps of 8 LR crops of 16x16, as many LR pixels as 150 of DQC's steps of 4 crops of 32x32 (2.5x DQC's 60
+# steps, within 3x 2DQuant's time; a step costs about its pixels): more, smaller crops and twice the steps for the
+# same cost. The paper-scale presets keep DQC's 32 crops of 64x64 (not measured here)
+RECIPE_ITERATIONS = {"quick": 300, "paper": 3000, "release": 3000}
+RECIPE_CROPS = {"quick": {"batch_size": 8, "patch_size": 16}}
 RECIPE_TUNE = {"norm": 1e-2, "bias": 1e-2}  # FP parameters DQC trains with the bounds: {distill.TUNABLE group: lr}
 RECIPE_WEIGHT_LR = 1e-3  # the weights' lr at 2 bits; halved per extra bit, roughly as their rounding step shrinks
 
@@ -484,26 +485,42 @@ def run_recipe(c: Calibration) -> nn.Module:
     return distill(c, calibrate.dobi(c.start(source), c.batch, mode=s["dobi_mode"]))
 
 
+def step_pixels(batch_size: int, patch_size: int) -> int:
+    """LR pixels of one DQC step: ``batch_size`` crops of ``patch_size`` x ``patch_size``."""
+    return batch_size * patch_size**2
+
+
+def same_pixels_iterations(preset: str = "quick") -> int:
+    """DQC iterations on DQC's own crops that see as many LR pixels as the recipe's run (a step costs about its
+    pixels): the length at which 2DQuant gets the recipe's budget (quick: 150)."""
+    dqc = DQC_PRESETS[preset]
+    crops = RECIPE_CROPS.get(preset, {"batch_size": dqc.batch_size, "patch_size": dqc.patch_size})
+    return round(RECIPE_ITERATIONS[preset] * step_pixels(**crops) / step_pixels(dqc.batch_size, dqc.patch_size))
+
+
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
     """The rows of the recipe's ablation, {label: (method, overrides)} for :func:`quantlab.results.ablation_grid`:
-    2DQuant at its preset and with the recipe's DQC iterations (about 0.9x its calibration time), the recipe, and
-    the recipe with each component off (and with the channel scalings on). ``iterations`` (e.g. a quick check)
-    replaces every row's DQC length; rows that then coincide are given once."""
+    2DQuant at its preset and with DQC as long as the recipe's in LR pixels (about 0.9x its calibration time), the
+    recipe, and the recipe with each component off (and with the channel scalings on): the smaller crops go back
+    to DQC's at the same pixels, the longer DQC to DQC's pixels. ``iterations`` (e.g. a quick check) replaces every
+    row's DQC length; rows that then coincide are given once."""
     fixed = {} if iterations is None else {"iterations": iterations}
-    longer = RECIPE_ITERATIONS[preset]
+    same = same_pixels_iterations(preset)
+    dqc = DQC_PRESETS[preset]
+    shorter = round(dqc.iterations * RECIPE_ITERATIONS[preset] / same)
     rows = {"2DQuant": ("2dquant", fixed),
-            f"2DQuant, DQC {longer} iterations": ("2dquant", fixed or {"iterations": longer}),
+            f"2DQuant, DQC {same} iterations": ("2dquant", fixed or {"iterations": same}),
             "quantlab (ours)": ("quantlab", fixed),
             "- per-channel weights": ("quantlab", fixed | {"per_channel_weights": False}),
             "- weight tuning": ("quantlab", fixed | {"tune": {"weight": 0}}),
             "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": {"norm": 0, "bias": 0}}),
             "+ channel scalings": ("quantlab", fixed | {"fold": list(fold.PLACES)})}
     if preset in RECIPE_CROPS:
-        dqc_crops = {k: getattr(DQC_PRESETS[preset], k) for k in RECIPE_CROPS[preset]}
-        rows |= {f"- smaller crops ({dqc_crops['batch_size']} of {dqc_crops['patch_size']}x{dqc_crops['patch_size']})":
-                 ("quantlab", fixed | dqc_crops)}
-    rows |= {f"- longer DQC ({DQC_PRESETS[preset].iterations} iterations)":
-             ("quantlab", fixed or {"iterations": DQC_PRESETS[preset].iterations})}
+        crops = {"batch_size": dqc.batch_size, "patch_size": dqc.patch_size}
+        rows |= {f"- smaller crops ({dqc.batch_size} of {dqc.patch_size}x{dqc.patch_size}, {same} iterations)":
+                 ("quantlab", crops | (fixed or {"iterations": same}))}
+    rows |= {f"- longer DQC ({shorter} iterations, DQC's pixels)":
+             ("quantlab", fixed or {"iterations": shorter})}
     unique: dict[str, tuple[str, dict]] = {}
     for label, (method, overrides) in rows.items():
         if (method, overrides) not in unique.values():

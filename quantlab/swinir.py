@@ -142,7 +142,8 @@ _chosen_paths: dict[tuple, str] = {}
 
 def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
     """The output of the faster of ``paths`` (name -> run) for inputs described by ``key``. Which one is
-    faster depends on the CPU (the fused kernel is 2-3x faster on Intel Xeons, ~25% slower on AMD EPYCs), so
+    faster depends on the CPU and the shape (the fused kernel is 2-3x faster on Intel Xeons; on AMD EPYCs it was
+    ~25% slower on 8 patches of 64x64 and faster for 3 of the 4 shapes of ``benchmarks/inference_speed.py``), so
     the first call per key and process times them all on these very inputs (a second round when close)
     and keeps the choice; ``QUANTLAB_ATTENTION=fused|explicit`` pins it (outputs differ by ~1e-6)."""
     pinned = os.environ.get(ATTENTION_ENV, "auto")

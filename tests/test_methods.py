@@ -164,13 +164,20 @@ def test_a_v1_quantized_file_still_loads(tiny_checkpoint, tmp_path):
     assert again.method_config == qmodel.method_config
 
 
-def test_the_recipe_ablation_has_a_row_per_component_and_undoes_the_recipe_crops():
+def test_the_recipe_ablation_has_a_row_per_component_and_undoes_the_recipe_crops_at_the_same_pixels():
     quick = methods.resolve("quantlab", 2, "quick")
     crops = {k: quick.settings["dqc"][k] for k in ("batch_size", "patch_size")}
-    dqc_crops = {k: methods.resolve("2dquant", 2, "quick").settings["dqc"][k] for k in crops}
+    dqc = methods.resolve("2dquant", 2, "quick").settings["dqc"]
+    dqc_crops = {k: dqc[k] for k in crops}
     assert crops == methods.RECIPE_CROPS["quick"] != dqc_crops
+    same = methods.same_pixels_iterations("quick")
+    pixels = {"recipe": crops["batch_size"] * crops["patch_size"] ** 2, "dqc": dqc["batch_size"] * dqc["patch_size"] ** 2}
+    assert same * pixels["dqc"] == quick.settings["dqc"]["iterations"] * pixels["recipe"]
     rows = methods.recipe_ablation("quick")
-    assert rows["- smaller crops (4 of 32x32)"] == ("quantlab", dqc_crops)
+    assert rows[f"2DQuant, DQC {same} iterations"] == ("2dquant", {"iterations": same})
+    assert rows[f"- smaller crops (4 of 32x32, {same} iterations)"] == ("quantlab", dqc_crops | {"iterations": same})
+    shorter = rows["- longer DQC (120 iterations, DQC's pixels)"][1]["iterations"]
+    assert shorter * pixels["recipe"] == dqc["iterations"] * pixels["dqc"]
     assert len({methods.resolve(m, 2, "quick", **o).key() for m, o in rows.values()}) == len(rows)
     paper = methods.recipe_ablation("paper")
     assert not any("crops" in label for label in paper)
