@@ -500,7 +500,7 @@ def same_pixels_iterations(preset: str = "quick") -> int:
 
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
     """The rows of the recipe's ablation, {label: (method, overrides)} for :func:`quantlab.results.ablation_grid`:
-    2DQuant at its preset and with DQC as long as the recipe's in LR pixels (about 0.9x its calibration time), the
+    2DQuant at its preset and with DQC as long as the recipe's in LR pixels (0.85-0.9x its calibration time), the
     recipe, and the recipe with each component off (and with the channel scalings on): the smaller crops go back
     to DQC's at the same pixels, the longer DQC to DQC's pixels. ``iterations`` (e.g. a quick check) replaces every
     row's DQC length; rows that then coincide are given once."""
