@@ -490,12 +490,17 @@ def step_pixels(batch_size: int, patch_size: int) -> int:
     return batch_size * patch_size**2
 
 
+def dqc_crops(preset: str) -> dict[str, int]:
+    """DQC's own training crops under ``preset``: {"batch_size": B, "patch_size": P}."""
+    dqc = DQC_PRESETS[preset]
+    return {"batch_size": dqc.batch_size, "patch_size": dqc.patch_size}
+
+
 def same_pixels_iterations(preset: str = "quick") -> int:
     """DQC iterations on DQC's own crops that see as many LR pixels as the recipe's run (a step costs about its
     pixels): the length at which 2DQuant gets the recipe's budget (quick: 150)."""
-    dqc = DQC_PRESETS[preset]
-    crops = RECIPE_CROPS.get(preset, {"batch_size": dqc.batch_size, "patch_size": dqc.patch_size})
-    return round(RECIPE_ITERATIONS[preset] * step_pixels(**crops) / step_pixels(dqc.batch_size, dqc.patch_size))
+    crops = dqc_crops(preset)
+    return round(RECIPE_ITERATIONS[preset] * step_pixels(**RECIPE_CROPS.get(preset, crops)) / step_pixels(**crops))
 
 
 def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dict[str, tuple[str, dict]]:
@@ -516,9 +521,8 @@ def recipe_ablation(preset: str = "quick", iterations: int | None = None) -> dic
             "- LayerNorm/bias tuning": ("quantlab", fixed | {"tune": {"norm": 0, "bias": 0}}),
             "+ channel scalings": ("quantlab", fixed | {"fold": list(fold.PLACES)})}
     if preset in RECIPE_CROPS:
-        crops = {"batch_size": dqc.batch_size, "patch_size": dqc.patch_size}
         rows |= {f"- smaller crops ({dqc.batch_size} of {dqc.patch_size}x{dqc.patch_size}, {same} iterations)":
-                 ("quantlab", crops | (fixed or {"iterations": same}))}
+                 ("quantlab", dqc_crops(preset) | (fixed or {"iterations": same}))}
     rows |= {f"- longer DQC ({shorter} iterations, DQC's pixels)":
              ("quantlab", fixed or {"iterations": shorter})}
     unique: dict[str, tuple[str, dict]] = {}
