@@ -35,6 +35,7 @@ from safetensors.torch import save, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import kernels
 from .files import atomic_path
 from .quant import QuantConfig, QuantLinear, integer_levels, quantize, quantizers, repaired_upper
 from .swinir import SwinIR, SwinIRConfig
@@ -209,7 +210,8 @@ class _OperationCounter(TorchDispatchMode):
 
 
 def operation_counts(model: nn.Module, x: torch.Tensor) -> Counter:
-    """{aten operation name: calls} of one forward of ``model`` on ``x`` (N, 3, h, w) with grad disabled."""
-    with torch.no_grad(), _OperationCounter() as counter:
+    """{aten operation name: calls} of one forward of ``model`` on ``x`` (N, 3, h, w) with grad disabled, in
+    PyTorch's arithmetic (quantlab's kernels off: they compute the same operations out of the dispatcher's sight)."""
+    with torch.no_grad(), kernels.off(), _OperationCounter() as counter:
         model(x)
     return counter.counts

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+from .kernels import QuantizerSpec
 from .swinir import WindowAttention, has_hooks
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -104,8 +106,7 @@ def fake_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bit
     lower, upper = _bounds_like(x, lower, upper)
     if torch.is_grad_enabled() and (x.requires_grad or lower.requires_grad or upper.requires_grad):
         return _FakeQuantize.apply(x, lower, upper, levels)
-    c_hat, step = clip_scaled(x, lower, upper, levels)
-    return c_hat.round_().mul_(step).add_(lower)
+    return _quantize_values(x, lower, upper, levels)
 
 
 @torch.no_grad()
@@ -113,7 +114,19 @@ def fake_quantize_(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bi
     """:func:`fake_quantize` written over ``x`` (returned; no autograd): the same values without allocating
     a new tensor, for temporaries the caller owns (a large new tensor costs page faults on every call)."""
     lower, upper = _bounds_like(x, lower, upper)
-    c_hat, step = clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1, out=x)
+    return _quantize_values(x, lower, upper, 2 ** check_bits(bits) - 1, out=x)
+
+
+def _quantize_values(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 1's values (no autograd) into ``out`` (may be ``x``) or a new tensor: in one pass of quantlab's kernel
+    (:func:`quantlab.kernels.fake_quantize`, the same values) for one pair of bounds over a contiguous CPU tensor,
+    else in PyTorch."""
+    one_pair = all(bound.numel() == 1 and bound.dim() <= x.dim() for bound in (lower, upper))  # output shaped as x
+    if one_pair and x.is_contiguous() and kernels.runs_on(x):
+        step = (upper - lower) / levels
+        return kernels.fake_quantize(x, lower.item(), step.item(), levels, out=out)
+    c_hat, step = clip_scaled(x, lower, upper, levels, out=out)
     return c_hat.round_().mul_(step).add_(lower)
 
 
@@ -168,15 +181,30 @@ class FakeQuantizer(nn.Module):
         """x_q of a tensor as this quantizer sees it (as its observer gets it): Eq. 1 on [l, u]."""
         return fake_quantize(x, self.lower, self.upper, self.bits)
 
+    def runs_plain(self) -> bool:
+        """True when calling this quantizer is plain Eq. 1, a pass-through or a pass-through that hands the tensor to
+        the observer, which a kernel may do in its place (quantize, off, observe: the kernel's caller calls the
+        observer): grad disabled, no hooks, this class's ``forward`` and ``quantize_values``."""
+        return (self.mode in ("quantize", "off", "observe") and not torch.is_grad_enabled() and not has_hooks(self)
+                and type(self).forward is FakeQuantizer.forward
+                and type(self).quantize_values is FakeQuantizer.quantize_values)
+
     def quantize_(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x)`` for inference on a temporary ``x`` the caller owns: written over ``x``
-        (:func:`fake_quantize_`) when this quantizer runs plain Eq. 1 (quantize mode, grad disabled, no
-        hooks, this class's ``forward`` and ``quantize_values``), else ``self(x)``."""
-        if (self.mode == "quantize" and not torch.is_grad_enabled() and not has_hooks(self)
-                and type(self).forward is FakeQuantizer.forward
-                and type(self).quantize_values is FakeQuantizer.quantize_values):
+        (:func:`fake_quantize_`) when this quantizer quantizes plainly (:meth:`runs_plain`), else ``self(x)``."""
+        if self.mode == "quantize" and self.runs_plain():
             return fake_quantize_(x, self.lower, self.upper, self.bits)
         return self(x)
+
+    @torch.no_grad()
+    def kernel_spec(self) -> QuantizerSpec:
+        """(l, s, n) of Eq. 1 as this per-tensor quantizer runs it (u repaired, s = (u - l) / n, n = 2^b - 1) for
+        :func:`quantlab.kernels.window_attention`; None (a pass-through) in "off" and "observe" mode."""
+        if self.mode != "quantize":
+            return None
+        lower, upper = _bounds_like(self.lower, self.lower, self.upper)
+        levels = 2**self.bits - 1
+        return lower.item(), ((upper - lower) / levels).item(), levels
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
@@ -320,13 +348,27 @@ class QuantWindowAttention(WindowAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """As :meth:`WindowAttention.attend`: with grad disabled and unhooked matmuls (a hook must see their
-        operands), :meth:`chunked_attention`, in runs of windows when the matmuls are sliceable
-        (:attr:`QuantMatMul.sliceable`), else in one run (calibration: observers see whole tensors);
-        otherwise the explicit attention over the whole batch."""
+        operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
+        tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
+        switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of :meth:`chunked_attention` (Q scaled, K^T, the
+        softmax output, which the kernel writes only for an observer, and V). Else :meth:`chunked_attention`, in
+        runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`), else in one run. Training
+        runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
             return self.explicit_attention(q, k, v, bias)
-        whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
-        return self.chunked_attention(q, k, v, bias, whole)
+        operands = [getattr(matmul, name) for matmul in (self.matmul_qk, self.matmul_av) for name in matmul.names]
+        if not (kernels.runs_on(q) and all(op.runs_plain() and not op.per_channel for op in operands)):
+            whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
+            return self.chunked_attention(q, k, v, bias, whole)
+        observed = operands[2].mode == "observe"
+        probabilities = q.new_empty(*q.shape[:-1], q.shape[-2]) if observed else None
+        out = kernels.window_attention(q, k, v, bias, self.scale, tuple(op.kernel_spec() for op in operands),
+                                       probabilities)
+        tensors = (lambda: q * self.scale, lambda: k.transpose(-2, -1), lambda: probabilities, lambda: v)
+        for op, tensor in zip(operands, tensors):
+            if op.mode == "observe":
+                op(tensor())
+        return out
 
     def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                           whole: bool = False) -> torch.Tensor:

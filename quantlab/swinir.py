@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 SHIFT_MASK_VALUE = -100.0  # what the official code adds between tokens of different shifted regions
 
@@ -109,11 +111,14 @@ class WindowAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N) -> (B * W, heads, N, d). Training, and a
         hooked ``matmul_qk``/``matmul_av`` (the hook must see its operands), run :meth:`explicit_attention`;
-        inference runs the faster of it and the fused kernel for these shapes (:func:`attention_path`)."""
+        inference runs the fastest for these shapes (:func:`attention_path`) of it, PyTorch's fused kernel and
+        quantlab's own (:mod:`quantlab.kernels`, when it builds here)."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
             return self.explicit_attention(q, k, v, bias)
         paths = {"fused": lambda: fused_attention(q, k, v, bias, self.scale),
                  "explicit": lambda: self.explicit_attention(q, k, v, bias)}
+        if kernels.runs_on(q):
+            paths["kernel"] = lambda: kernels.window_attention(q, k, v, bias, self.scale)
         return attention_path((*q.shape, *bias.shape, q.dtype, q.device.type), paths)
 
     def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -134,23 +139,25 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
-ATTENTION_PATHS = ("fused", "explicit")
-ATTENTION_ENV = "QUANTLAB_ATTENTION"  # "fused" or "explicit" pins the FP inference path; unset or "auto" measures
-CLOSE_RACE = 1.5  # a second timed round of both paths when the slower is within this factor of the faster
+ATTENTION_PATHS = ("fused", "explicit", "kernel")
+ATTENTION_ENV = "QUANTLAB_ATTENTION"  # one of ATTENTION_PATHS pins the inference path; unset or "auto" measures
+CLOSE_RACE = 1.5  # a second timed round of the paths when the slowest is within this factor of the fastest
 _chosen_paths: dict[tuple, str] = {}
 
 
 def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
-    """The output of the faster of ``paths`` (name -> run) for inputs described by ``key``. Which one is
-    faster depends on the CPU and the shape (the fused kernel is 2-3x faster on Intel Xeons; on AMD EPYCs it was
-    ~25% slower on 8 patches of 64x64 and faster for 3 of the 4 shapes of ``benchmarks/inference_speed.py``), so
-    the first call per key and process times them all on these very inputs (a second round when close)
-    and keeps the choice; ``QUANTLAB_ATTENTION=fused|explicit`` pins it (outputs differ by ~1e-6)."""
+    """The output of the fastest of ``paths`` (name -> run) for inputs described by ``key``. Which one is
+    fastest depends on the CPU and the shape (PyTorch's fused kernel is 2-3x faster than the explicit one on Intel
+    Xeons; on AMD EPYCs it was ~25% slower on 8 patches of 64x64 and faster for 3 of the 4 shapes of
+    ``benchmarks/inference_speed.py``), so the first call per key and process times them all on these very inputs
+    (a second round when close) and keeps the choice. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
+    pins it (outputs differ by ~1e-6); a pinned path that is not among ``paths`` (the kernel without a compiler)
+    leaves the choice to the measurement."""
     pinned = os.environ.get(ATTENTION_ENV, "auto")
     if pinned in paths:
         return paths[pinned]()
-    if pinned != "auto":
-        raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {tuple(paths)}, got {pinned!r}")
+    if pinned != "auto" and pinned not in ATTENTION_PATHS:
+        raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {ATTENTION_PATHS}, got {pinned!r}")
     if key in _chosen_paths:
         return paths[_chosen_paths[key]]()
     seconds, outputs = dict.fromkeys(paths, 0.0), {}

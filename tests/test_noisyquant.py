@@ -9,6 +9,7 @@ from quantlab import noisyquant
 from quantlab.checkpoints import load_model
 from quantlab.cli import main
 from quantlab.noisyquant import NoisyQuantizer, NoisyQuantLinear, NoisySplitQuantLinear
+from quantlab.kernels import KERNELS_ENV
 from quantlab.pipeline import load_quantized, quantize_with, save_quantized
 from quantlab.quant import (LINEAR_INPUT, POST_GELU, QuantConfig, QuantLinear, QuantMatMul, SplitQuantLinear,
                             quantize, quantizers, set_mode)
@@ -201,6 +202,7 @@ def test_quantize_with_off_equals_fp_and_round_trips_through_a_file(tiny, tmp_pa
 
 def test_calibration_is_sequential(tiny, monkeypatch):
     """Pass 1 of 2 fits each layer's ranges on its input with every layer upstream quantized (N = 0)."""
+    monkeypatch.setenv(KERNELS_ENV, "off")  # calibration and the check run one attention arithmetic
     fp, patches = tiny
     seen = {}
     search_ranges = noisyquant.search_ranges
@@ -233,6 +235,7 @@ def test_calibration_is_sequential(tiny, monkeypatch):
 def test_one_pass_calibrates_each_layer_on_its_final_input(tiny, monkeypatch):
     """With ``passes=1`` each layer's ranges and N are searched on the input it gets from the finished
     upstream (quantized, with its noise): the calibrated model reproduces every recorded input."""
+    monkeypatch.setenv(KERNELS_ENV, "off")  # calibration and the check run one attention arithmetic
     fp, patches = tiny
     seen = {}
     search_noise = noisyquant.search_noise

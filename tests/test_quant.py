@@ -6,6 +6,7 @@ from quantlab import calibrate, quant
 from quantlab.calibrate import (DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search, kth_value,
                                 percentile_bounds, quantization_error)
 from quantlab.quant import FakeQuantizer, QuantConfig, fake_quantize, quantize, quantizers, set_mode
+from quantlab.kernels import KERNELS_ENV
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)
@@ -419,11 +420,14 @@ def test_nan_calibration_data_is_refused(tiny_model_and_patches):
     (2, (9, 10), [64, 26, 64, 26]),
     (9, (4, 4), [64, 64, 16]),  # a batch of patches of 16 windows each: runs of 4 whole patches
 ], ids=["one-image", "two-images", "patches"])
-def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, batch, windows, chunks):
-    """Inference runs the quantized attention at most ATTENTION_CHUNK windows at a time (with and without
-    the shift mask, one or several images); a hook forces the whole-batch path: same values."""
+def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_and_patches, monkeypatch, batch,
+                                                                    windows, chunks):
+    """Inference in PyTorch (QUANTLAB_KERNELS=off: not the kernel) runs the quantized attention at most
+    ATTENTION_CHUNK windows at a time (with and without the shift mask, one or several images); a hook forces the
+    whole-batch path: same values."""
     from quantlab import quant
 
+    monkeypatch.setenv(KERNELS_ENV, "off")
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     x = torch.rand(batch, 3, 4 * windows[0], 4 * windows[1], generator=torch.Generator().manual_seed(2))
@@ -445,9 +449,12 @@ def test_quantized_inference_in_window_chunks_equals_the_whole_batch(tiny_model_
     assert not qmodel.layers[0].blocks[0].attn.matmul_qk.sliceable  # calibration sees whole tensors
 
 
-def test_calibration_through_the_in_place_attention_sees_the_explicit_attentions_tensors(tiny_model_and_patches):
-    """Calibration (observers see whole tensors) runs the attention in one in-place run: every quantizer
-    gets the same bounds as through the explicit attention (forced by a hook on the matmuls)."""
+def test_calibration_through_the_in_place_attention_sees_the_explicit_attentions_tensors(tiny_model_and_patches,
+                                                                                         monkeypatch):
+    """Calibration in PyTorch (QUANTLAB_KERNELS=off: not the kernel; observers see whole tensors) runs the
+    attention in one in-place run: every quantizer gets the same bounds as through the explicit attention (forced
+    by a hook on the matmuls)."""
+    monkeypatch.setenv(KERNELS_ENV, "off")
     model, patches = tiny_model_and_patches
     in_place = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     explicit = quantize(model, QuantConfig(bits=3))

@@ -1,0 +1,204 @@
+// quantlab's CPU kernels, built and loaded by quantlab/kernels.py: a plain C ABI (no torch headers), GCC vector
+// extensions (16 floats, lowered to the machine's AVX-512 or AVX2 by -march=native), std::threads.
+// - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
+//   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does).
+// - window_attention: softmax(Q K^T * scale + bias) V in one pass per (window, head), one query row at a time in
+//   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
+//   and V.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Floats splat(float x) { return Floats{} + x; }
+inline Floats maximum(Floats a, Floats b) { return a > b ? a : b; }
+inline Floats minimum(Floats a, Floats b) { return a < b ? a : b; }
+inline Floats load(const float* x) { Floats v; std::memcpy(&v, x, sizeof v); return v; }
+inline void store(float* x, Floats v) { std::memcpy(x, &v, sizeof v); }
+
+// x rounded to the nearest integer, ties to even (as torch.round), for 0 <= x < 2^22.
+inline Floats round_nonnegative(Floats x) {
+  const Floats magic = splat(12582912.0f);  // 1.5 * 2^23: the sum keeps no fraction bits
+  return (x + magic) - magic;
+}
+
+// exp(t) for t <= 0: Cephes' expf (2^n times a degree-6 polynomial, ~1 ulp); 0 below -87 (no denormals).
+inline Floats exp_nonpositive(Floats t) {
+  const Ints underflow = t < splat(-87.0f);
+  t = maximum(t, splat(-87.0f));
+  const Floats n = round_nonnegative(t * 1.44269504088896341f + 200.0f) - 200.0f;
+  Floats r = t - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Floats y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
+  Floats pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return underflow ? splat(0.0f) : y * pow2;
+}
+
+float lane_max(Floats v) {
+  float top = v[0];
+  for (int64_t lane = 1; lane < kLanes; ++lane) top = std::max(top, v[lane]);
+  return top;
+}
+
+float lane_sum(Floats v) {
+  float total = 0.0f;
+  for (int64_t lane = 0; lane < kLanes; ++lane) total += v[lane];
+  return total;
+}
+
+struct Quantizer {  // Eq. 1 on [lower, lower + levels * step]; off: pass-through
+  bool on;
+  float lower, step, levels;
+
+  Floats operator()(Floats x) const {
+    if (!on) return x;
+    const Floats level = minimum(maximum((x - lower) / step, splat(0.0f)), splat(levels));
+    return round_nonnegative(level) * step + lower;
+  }
+};
+
+struct Problem {
+  const float *q, *k, *v, *bias;
+  int64_t qs[4], ks[4], vs[4];  // element strides of (batch, head, token, channel)
+  int64_t bias_windows, batch, heads, tokens, dim;
+  float scale;
+  Quantizer quantizers[4];  // Q, K, softmax output, V
+  float* out;               // (batch, tokens, heads, dim), contiguous
+  float* probabilities;     // nullptr, or (batch, heads, tokens, tokens): the (quantized) softmax output
+};
+
+// One (window, head) pair after another: K^T and V copied (quantized) into zero-padded rows of whole vectors, then
+// per query row the scores (vectors over keys; padded keys get -inf), softmax, quantized P, and P V.
+void attend(const Problem& p, int64_t first, int64_t last) {
+  const int64_t n = p.tokens, d = p.dim;
+  const int64_t key_vectors = (n + kLanes - 1) / kLanes, channel_vectors = (d + kLanes - 1) / kLanes;
+  const int64_t keys = key_vectors * kLanes, channels = channel_vectors * kLanes;
+  std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(d), row(keys), bias_row(keys, -INFINITY);
+  std::vector<Floats> scores(key_vectors);
+  for (int64_t item = first; item < last; ++item) {
+    const int64_t b = item / p.heads, h = item % p.heads;
+    const float* k = p.k + b * p.ks[0] + h * p.ks[1];
+    const float* v = p.v + b * p.vs[0] + h * p.vs[1];
+    std::fill(k_t.begin(), k_t.end(), 0.0f);
+    std::fill(v_rows.begin(), v_rows.end(), 0.0f);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < d; ++c) {
+        k_t[c * keys + j] = k[j * p.ks[2] + c * p.ks[3]];
+        v_rows[j * channels + c] = v[j * p.vs[2] + c * p.vs[3]];
+      }
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t x = 0; x < key_vectors; ++x)
+        store(&k_t[c * keys + x * kLanes], p.quantizers[1](load(&k_t[c * keys + x * kLanes])));
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t x = 0; x < channel_vectors; ++x) {
+        float* lanes = &v_rows[j * channels + x * kLanes];
+        const Floats quantized = p.quantizers[3](load(lanes));
+        for (int64_t lane = 0; lane < kLanes && x * kLanes + lane < d; ++lane) lanes[lane] = quantized[lane];
+      }
+    const float* bias = p.bias + ((b % p.bias_windows) * p.heads + h) * n * n;
+    const float* q = p.q + b * p.qs[0] + h * p.qs[1];
+    float* out = p.out + (b * n * p.heads + h) * d;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t c = 0; c < d; ++c) q_row[c] = q[i * p.qs[2] + c * p.qs[3]] * p.scale;
+      for (int64_t c = 0; c < d; c += kLanes) {  // quantize Q's row a vector at a time
+        float lanes[kLanes] = {};
+        std::copy(&q_row[c], &q_row[c] + std::min(kLanes, d - c), lanes);
+        const Floats quantized = p.quantizers[0](load(lanes));
+        for (int64_t lane = 0; lane < kLanes && c + lane < d; ++lane) q_row[c + lane] = quantized[lane];
+      }
+      std::copy(bias + i * n, bias + (i + 1) * n, bias_row.begin());
+      Floats top = splat(-INFINITY);
+      for (int64_t x = 0; x < key_vectors; ++x) {
+        Floats s = load(&bias_row[x * kLanes]);
+        Floats dot = splat(0.0f);
+        for (int64_t c = 0; c < d; ++c) dot += q_row[c] * load(&k_t[c * keys + x * kLanes]);
+        scores[x] = dot + s;
+        top = maximum(top, scores[x]);
+      }
+      const float row_max = lane_max(top);
+      Floats total = splat(0.0f);
+      for (int64_t x = 0; x < key_vectors; ++x) {
+        scores[x] = exp_nonpositive(scores[x] - row_max);
+        total += scores[x];
+      }
+      const float inverse = 1.0f / lane_sum(total);
+      for (int64_t x = 0; x < key_vectors; ++x) store(&row[x * kLanes], p.quantizers[2](scores[x] * inverse));
+      if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + ((b * p.heads + h) * n + i) * n);
+      float* out_row = out + i * p.heads * d;
+      for (int64_t x = 0; x < channel_vectors; ++x) {  // P V, 16 channels at a time, four independent sums
+        const float* v_x = &v_rows[x * kLanes];
+        Floats sums[4] = {};
+        for (int64_t j = 0; j < keys; j += 4)
+          for (int64_t part = 0; part < 4; ++part) sums[part] += row[j + part] * load(v_x + (j + part) * channels);
+        const Floats result = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+        for (int64_t lane = 0; lane < kLanes && x * kLanes + lane < d; ++lane) out_row[x * kLanes + lane] = result[lane];
+      }
+    }
+  }
+}
+
+void quantize_range(const float* x, float* out, int64_t first, int64_t last, Quantizer quantizer) {
+  int64_t i = first;
+  for (; i + kLanes <= last; i += kLanes) store(out + i, quantizer(load(x + i)));
+  if (i < last) {
+    float lanes[kLanes] = {};
+    std::copy(x + i, x + last, lanes);
+    const Floats quantized = quantizer(load(lanes));
+    for (int64_t lane = 0; i + lane < last; ++lane) out[i + lane] = quantized[lane];
+  }
+}
+
+// Runs work(first, last) over [0, count) split between up to ``threads`` threads (one below ``grain`` items each).
+template <typename Work>
+void split(int64_t count, int threads, int64_t grain, Work work) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count / grain));
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, count * w / workers, count * (w + 1) / workers);
+  work(0, count / workers);
+  for (auto& thread : pool) thread.join();
+}
+
+}  // namespace
+
+extern "C" int fake_quantize(const float* x, float* out, int64_t count, float lower, float step, float levels,
+                             int threads) {
+  // out = Eq. 1 of x (count floats; out may be x). Returns 0.
+  const Quantizer quantizer{true, lower, step, levels};
+  split(count, threads, 1 << 18, [&](int64_t first, int64_t last) { quantize_range(x, out, first, last, quantizer); });
+  return 0;
+}
+
+extern "C" int window_attention(const float* q, const float* k, const float* v, const int64_t* strides,
+                                const float* bias, int64_t bias_windows, float* out, int64_t batch, int64_t heads,
+                                int64_t tokens, int64_t dim, float scale, const float* quantizers,
+                                float* probabilities, int threads) {
+  // strides: 12 element strides, (batch, head, token, channel) of q, k, v in turn. quantizers: nullptr, or 16
+  // floats (on, lower, step, levels) for Q, K, softmax output, V. probabilities: nullptr, or where to write the
+  // (quantized) softmax output. Returns 0.
+  Problem p{q, k, v, bias, {}, {}, {}, bias_windows, batch, heads, tokens, dim, scale, {}, out, probabilities};
+  std::copy(strides, strides + 4, p.qs);
+  std::copy(strides + 4, strides + 8, p.ks);
+  std::copy(strides + 8, strides + 12, p.vs);
+  for (int t = 0; t < 4; ++t)
+    p.quantizers[t] = quantizers ? Quantizer{quantizers[4 * t] != 0.0f, quantizers[4 * t + 1],
+                                             quantizers[4 * t + 2], quantizers[4 * t + 3]}
+                                 : Quantizer{false, 0.0f, 1.0f, 1.0f};
+  split(batch * heads, threads, 1, [&](int64_t first, int64_t last) { attend(p, first, last); });
+  return 0;
+}

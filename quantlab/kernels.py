@@ -1,0 +1,150 @@
+"""quantlab's CPU kernels (``kernels.cpp``): Eq. 1 in one pass over a tensor (the same values as PyTorch's
+eager ops), and window attention, softmax(Q K^T s + bias) V per (window, head) with one query row at a time in
+registers, optionally fake-quantizing Q, K, the softmax output and V.
+
+Built on first use with the machine's C++ compiler (``$CXX`` or ``c++``; ``-march=native``, so once per CPU
+model), kept in ``$QUANTLAB_KERNEL_DIR`` (default ``kernels/`` in quantlab's cache dir, ``$QUANTLAB_CACHE``) and loaded with ctypes: no
+torch headers, a build of ~1 s. Without a compiler quantlab warns once and runs PyTorch's attention.
+``QUANTLAB_KERNELS=off`` (or :func:`off`) runs everything in PyTorch: the reference arithmetic, e.g. to count
+its aten operations (:func:`quantlab.cost.operation_counts`).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .data import cache_dir
+from .files import atomic_path
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+COMPILER_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+KERNEL_DIR_ENV = "QUANTLAB_KERNEL_DIR"
+KERNELS_ENV = "QUANTLAB_KERNELS"  # "on" (default) or "off"
+# (lower l, step s, levels n) of a quantizer the kernel applies as Eq. 1, x_q = s round(clip((x - l) / s, 0, n)) + l;
+# None: that operand is not quantized
+QuantizerSpec = tuple[float, float, int] | None
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+
+
+def _build(compiler: str, folder: Path) -> Path:
+    """The kernel's shared library for this source, compiler and CPU model: built into ``folder`` unless there."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILER_FLAGS, version, _cpu_model()]).encode()).hexdigest()
+    library = folder / f"kernels-{key[:16]}.so"
+    if not library.is_file():
+        with atomic_path(library) as built:  # never half a file, even with several processes building at once
+            subprocess.run([compiler, *COMPILER_FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                           check=True)
+    return library
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built first if needed; None (with one warning) when it cannot be built or loaded."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    folder = Path(os.environ.get(KERNEL_DIR_ENV) or cache_dir() / "kernels")
+    try:
+        if compiler is None:
+            raise OSError(f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH)")
+        lib = ctypes.CDLL(str(_build(compiler, folder)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        warnings.warn(f"quantlab's CPU kernels are not available ({str(detail).strip()[:500]}): attention and "
+                      "quantizers run in PyTorch (slower); install a C++ compiler (e.g. g++) or set CXX to one",
+                      stacklevel=2)
+        return None
+    lib.fake_quantize.restype = ctypes.c_int
+    lib.fake_quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int]
+    lib.window_attention.restype = ctypes.c_int
+    lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def enabled() -> bool:
+    """False when ``QUANTLAB_KERNELS=off``; a value other than on/off is a ValueError naming the variable."""
+    value = os.environ.get(KERNELS_ENV, "on")
+    if value not in ("on", "off"):
+        raise ValueError(f"{KERNELS_ENV} must be 'on' or 'off', got {value!r}")
+    return value == "on"
+
+
+@contextmanager
+def off() -> Iterator[None]:
+    """Run the block with the kernels switched off (``QUANTLAB_KERNELS=off``), then restore the setting."""
+    before = os.environ.get(KERNELS_ENV)
+    os.environ[KERNELS_ENV] = "off"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[KERNELS_ENV]
+        else:
+            os.environ[KERNELS_ENV] = before
+
+
+def runs_on(x: torch.Tensor) -> bool:
+    """True when the kernels can take ``x``: float32 on the CPU, no grad, switched on, and built on this machine."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and enabled()
+            and library() is not None)
+
+
+def fake_quantize(x: torch.Tensor, lower: float, step: float, levels: int, out: torch.Tensor | None = None,
+                  ) -> torch.Tensor:
+    """Eq. 1 with one (l, s) for all of ``x`` (contiguous), into ``out`` (may be ``x``) or a new tensor: the values
+    of :func:`quantlab.quant.fake_quantize` (``s`` as it computes it), in one pass instead of six."""
+    if not (runs_on(x) and x.is_contiguous()) or (out is not None and not (out.is_contiguous() and out.shape == x.shape)):
+        raise ValueError("the quantize kernel needs a contiguous float32 CPU tensor without grad (and out alike)")
+    out = torch.empty_like(x) if out is None else out
+    library().fake_quantize(x.data_ptr(), out.data_ptr(), x.numel(), lower, step, levels, torch.get_num_threads())
+    return out
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
+                     quantizers: tuple[QuantizerSpec, QuantizerSpec, QuantizerSpec, QuantizerSpec] | None = None,
+                     probabilities: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T ``scale`` + bias) V. q, k, v: (B * W, heads, N, d), any strides (e.g. views of the qkv
+    projection); bias: (W, heads, N, N), W windows per image (or 1 for all). ``quantizers``: the specs of Q (after
+    the scale), K, the softmax output and V, as :meth:`WindowAttention.explicit_attention` quantizes them through
+    its matmuls; ``probabilities``: a contiguous (B * W, heads, N, N) tensor to receive the (quantized) softmax
+    output (for an observer), or None (no attention map in memory). Returns (B * W, heads, N, d): a view of a (B * W, N, heads, d) tensor, so that the tokens' layout
+    the projection wants (``.transpose(1, 2).reshape(B * W, N, heads * d)``) is free. Within ~1e-6 of the
+    explicit attention (another summation order and exp)."""
+    if not (runs_on(q) and runs_on(bias)):
+        raise ValueError("the attention kernel needs float32 CPU tensors without grad and a C++ compiler to build it")
+    windows, heads, tokens, dim = q.shape
+    if k.shape != q.shape or v.shape != q.shape or bias.shape[1:] != (heads, tokens, tokens):
+        raise ValueError(f"q, k, v must be (B * W, heads, N, d) alike and bias (W, heads, N, N); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(bias.shape)}")
+    if probabilities is not None and not (probabilities.shape == (windows, heads, tokens, tokens)
+                                          and probabilities.is_contiguous() and runs_on(probabilities)):
+        raise ValueError(f"probabilities must be a contiguous float32 CPU tensor {(windows, heads, tokens, tokens)}")
+    bias = bias.contiguous()
+    out = q.new_empty(windows, tokens, heads, dim)
+    strides = torch.tensor([*q.stride(), *k.stride(), *v.stride()], dtype=torch.int64)
+    specs = None if quantizers is None else torch.tensor(
+        [value for spec in quantizers for value in ((0.0, 0.0, 1.0, 1.0) if spec is None else (1.0, *spec))],
+        dtype=torch.float32)
+    library().window_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), bias.data_ptr(),
+                               bias.shape[0], out.data_ptr(), windows, heads, tokens, dim, scale,
+                               None if specs is None else specs.data_ptr(),
+                               None if probabilities is None else probabilities.data_ptr(), torch.get_num_threads())
+    return out.transpose(1, 2)

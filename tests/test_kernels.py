@@ -1,0 +1,208 @@
+import warnings
+
+import pytest
+import torch
+
+from quantlab import kernels, quant, swinir
+from quantlab.quant import QuantConfig, QuantWindowAttention, quantizers
+from quantlab.kernels import KERNELS_ENV
+from quantlab.swinir import ATTENTION_ENV, WindowAttention, shifted_window_mask
+
+
+def qkv_views(windows: int, heads: int, tokens: int, dim: int, seed: int = 0):
+    """q, k, v as WindowAttention.forward makes them: strided views of one (B * W, N, 3 C) projection."""
+    qkv = torch.randn(windows, tokens, 3 * heads * dim, generator=torch.Generator().manual_seed(seed))
+    return qkv.view(windows, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+
+
+def explicit(q, k, v, bias, scale):
+    scores = (q * scale) @ k.transpose(-2, -1)
+    scores = (scores.view(-1, bias.shape[0], *scores.shape[1:]) + bias).view(scores.shape)
+    return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("windows, bias_windows, heads, tokens, dim", [
+    (12, 1, 6, 64, 10),  # SwinIR-light's windows, one bias for all
+    (8, 4, 3, 16, 4),  # the tests' tiny model, a per-window bias (shift mask) for 2 images
+    (5, 5, 2, 49, 20),  # sizes that fill no whole vector (7x7 windows, head dim 20)
+])
+def test_kernel_equals_the_explicit_attention(windows, bias_windows, heads, tokens, dim):
+    """FP: within 1e-5 of softmax(Q K^T s + bias) V on strided q/k/v views, with a shift-like mask of -100;
+    the output is a view whose projection layout (transpose(1, 2)) is contiguous."""
+    q, k, v = qkv_views(windows, heads, tokens, dim)
+    bias = torch.randn(bias_windows, heads, tokens, tokens, generator=torch.Generator().manual_seed(1))
+    bias[..., tokens // 3:] -= 100.0 * (torch.arange(bias_windows) % 2).view(-1, 1, 1, 1)
+    scale = dim**-0.5
+    out = kernels.window_attention(q, k, v, bias, scale)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert (out - explicit(q, k, v, bias, scale)).abs().max() <= 1e-5
+
+
+def test_kernel_refuses_mismatched_shapes():
+    q, k, v = qkv_views(4, 2, 16, 4)
+    with pytest.raises(ValueError, match=r"bias \(W, heads, N, N\)"):
+        kernels.window_attention(q, k, v, torch.zeros(1, 2, 16, 15), 0.5)
+
+
+def quantized_attention(bits: int = 4) -> tuple[QuantWindowAttention, torch.Tensor, torch.Tensor]:
+    """A window attention of SwinIR-light's sizes, its four matmul quantizers set from the operands' ranges."""
+    torch.manual_seed(0)
+    attn = QuantWindowAttention(WindowAttention(60, 6, 8), QuantConfig(bits=bits))
+    x = torch.randn(16, 64, 60, generator=torch.Generator().manual_seed(3))
+    mask = shifted_window_mask(16, 16, 8, 4)
+    ranges = {"query": (-1.5, 1.5), "key": (-3.0, 2.5), "post_softmax": (0.0, 0.6), "value": (-2.0, 2.5)}
+    for _, quantizer in quantizers(attn):
+        if quantizer.kind in ranges:
+            quantizer.set_bounds(*ranges[quantizer.kind])
+        else:
+            quantizer.mode = "off"
+    return attn, x, mask
+
+
+def run(attn, x, mask, monkeypatch, path: str) -> torch.Tensor:
+    """``attn(x, mask)`` with ``QUANTLAB_ATTENTION=path``; "pytorch": quantlab's kernels off."""
+    monkeypatch.setenv(KERNELS_ENV, "off" if path == "pytorch" else "on")
+    monkeypatch.setenv(ATTENTION_ENV, "explicit" if path == "pytorch" else path)
+    with torch.no_grad():
+        return attn(x, mask)
+
+
+@pytest.mark.parametrize("operand", ["query", "key", "value"])
+def test_kernel_quantizes_q_k_v_as_the_quantized_matmuls(monkeypatch, operand):
+    """With one of Q, K, V quantized (the others and the softmax output off), the kernel's output is within 1e-5
+    of the PyTorch path's: the same levels (a wrong step, bound or rounding would move outputs by ~0.1)."""
+    attn, x, mask = quantized_attention()
+    for _, quantizer in quantizers(attn):
+        if quantizer.kind in ("query", "key", "post_softmax", "value") and quantizer.kind != operand:
+            quantizer.mode = "off"
+    kernel, reference = run(attn, x, mask, monkeypatch, "kernel"), run(attn, x, mask, monkeypatch, "pytorch")
+    assert {q.kind: q.mode for _, q in quantizers(attn)}[operand] == "quantize"
+    assert (kernel - reference).abs().max() <= 1e-5
+    for _, quantizer in quantizers(attn):  # the check can fail: the quantizer changes the output
+        quantizer.mode = "off"
+    assert (run(attn, x, mask, monkeypatch, "pytorch") - reference).abs().max() > 1e-2
+
+
+def test_kernel_quantizes_the_softmax_output_as_the_quantized_matmul(monkeypatch):
+    """All four quantizers on, 3 bits: the kernel's scores sum in another order, so a softmax value within ~1e-7 of a
+    rounding midpoint may take the next level; all but a few of the outputs agree to 1e-5."""
+    attn, x, mask = quantized_attention(bits=3)
+    kernel, reference = run(attn, x, mask, monkeypatch, "kernel"), run(attn, x, mask, monkeypatch, "pytorch")
+    assert ((kernel - reference).abs() > 1e-5).float().mean() < 1e-3
+
+
+class OtherQuantizer(quant.FakeQuantizer):
+    """A quantizer type of its own levels (as PTQ4ViT's and NoisyQuant's): the kernel cannot apply it."""
+
+    def quantize_values(self, x: torch.Tensor) -> torch.Tensor:
+        return super().quantize_values(x).neg()
+
+
+def test_kernel_is_skipped_where_it_cannot_run_the_quantizers(monkeypatch):
+    """A hooked matmul, a quantizer of another type, grad and QUANTLAB_KERNELS=off run PyTorch's attention;
+    plain quantizers run the kernel."""
+    attn, x, mask = quantized_attention()
+    calls = []
+    kernel = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *args: calls.append(1) or kernel(*args))
+    run(attn, x, mask, monkeypatch, "auto")
+    assert calls == [1]
+    run(attn, x, mask, monkeypatch, "pytorch")
+    hook = attn.matmul_av.register_forward_hook(lambda *args: None)
+    run(attn, x, mask, monkeypatch, "auto")
+    hook.remove()
+    plain = attn.matmul_qk.k
+    attn.matmul_qk.k = OtherQuantizer(plain.kind, plain.bits)
+    run(attn, x, mask, monkeypatch, "auto")
+    attn.matmul_qk.k = plain
+    attn(x, mask)  # grad enabled
+    assert calls == [1]
+
+
+def test_observers_get_the_tensors_of_the_pytorch_path(monkeypatch):
+    """Observing quantizers (calibration) beside quantizing ones: the kernel hands each observer Q scaled, K^T, the
+    softmax output (of the quantized Q and K) and V, as the PyTorch path does, to 1e-5; the output agrees too."""
+    attn, x, mask = quantized_attention()
+    seen = {}
+    for quantizer in (attn.matmul_qk.q, attn.matmul_av.attn, attn.matmul_av.v):
+        quantizer.mode, quantizer.observer = "observe", lambda q, tensor: seen.setdefault(q.kind, []).append(tensor)
+    kernel_out, reference = run(attn, x, mask, monkeypatch, "kernel"), run(attn, x, mask, monkeypatch, "pytorch")
+    assert sorted(seen) == ["post_softmax", "query", "value"]
+    for kind, (from_kernel, from_pytorch) in seen.items():
+        assert from_kernel.shape == from_pytorch.shape and (from_kernel - from_pytorch).abs().max() <= 1e-5, kind
+    assert (kernel_out - reference).abs().max() <= 1e-5
+
+
+def test_without_a_compiler_quantlab_warns_once_and_runs_pytorch(monkeypatch, tmp_path):
+    """No C++ compiler: one warning that names the fix; FP and quantized attention run in PyTorch, same values."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "kernels"))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="install a C.. compiler"):
+            assert kernels.library() is None
+        q, k, v = qkv_views(4, 2, 16, 4)
+        assert not kernels.runs_on(q)
+        attn, x, mask = quantized_attention()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(run(attn, x, mask, monkeypatch, "kernel"), run(attn, x, mask, monkeypatch, "pytorch"))
+    finally:
+        kernels.library.cache_clear()
+    assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_kernel_is_built_once_per_source_into_the_kernel_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is not None
+        built = list(tmp_path.glob("kernels-*.so"))
+        assert list(tmp_path.iterdir()) == built  # nothing else left behind
+        kernels.library.cache_clear()
+        stamp = built[0].stat().st_mtime_ns
+        assert kernels.library() is not None and built[0].stat().st_mtime_ns == stamp
+    finally:
+        kernels.library.cache_clear()
+
+
+def test_the_fp_model_can_pin_the_kernel(monkeypatch):
+    """QUANTLAB_ATTENTION=kernel runs it in WindowAttention (the measured choice may pick it too)."""
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    attn = WindowAttention(60, 6, 8)
+    x = torch.randn(8, 64, 60)
+    calls = []
+    kernel = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *args: calls.append(1) or kernel(*args))
+    pinned = run(attn, x, None, monkeypatch, "kernel")
+    assert calls == [1]
+    assert (pinned - run(attn, x, None, monkeypatch, "pytorch")).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_kernel_gives_pytorchs_values_exactly(bits):
+    """Eq. 1 in one pass: bit-identical to PyTorch's eager ops (clip_scaled, round, * s, + l) on a tensor of
+    2^20 + 5 values (two threads and a partial vector) with values at the rounding midpoints, in place too."""
+    levels = 2**bits - 1
+    lower, upper = torch.tensor([-0.7]), torch.tensor([1.3])
+    step = (upper - lower) / levels
+    x = torch.randn(2**20 + 5, generator=torch.Generator().manual_seed(bits))
+    x[:levels] = lower + (torch.arange(levels) + 0.5) * step  # midpoints: ties to even
+    c_hat, _ = quant.clip_scaled(x, lower, upper, levels)
+    expected = c_hat.round_().mul_(step).add_(lower)
+    assert torch.equal(kernels.fake_quantize(x, lower.item(), step.item(), levels), expected)
+    copy = x.clone()
+    assert kernels.fake_quantize(copy, lower.item(), step.item(), levels, out=copy) is copy
+    assert torch.equal(copy, expected)
+    assert torch.equal(quant.fake_quantize(x, lower, upper, bits), expected)  # the quantizers' path
+
+
+def test_kernels_switch_is_checked(monkeypatch):
+    q, _, _ = qkv_views(4, 2, 16, 4)
+    assert kernels.runs_on(q)
+    with kernels.off():
+        assert not kernels.runs_on(q)
+    assert kernels.runs_on(q)
+    monkeypatch.setenv(KERNELS_ENV, "fast")
+    with pytest.raises(ValueError, match="QUANTLAB_KERNELS must be 'on' or 'off'"):
+        kernels.runs_on(q)
