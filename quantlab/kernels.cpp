@@ -1,7 +1,8 @@
 // quantlab's CPU kernels, built and loaded by quantlab/kernels.py: a plain C ABI (no torch headers), GCC vector
 // extensions (16 floats, lowered to the machine's AVX-512 or AVX2 by -march=native), std::threads.
 // - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
-//   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does).
+//   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does);
+//   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
 // - window_attention: softmax(Q K^T * scale + bias) V in one pass per (window, head), one query row at a time in
 //   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
 //   and V.
@@ -23,6 +24,18 @@ inline Floats maximum(Floats a, Floats b) { return a > b ? a : b; }
 inline Floats minimum(Floats a, Floats b) { return a < b ? a : b; }
 inline Floats load(const float* x) { Floats v; std::memcpy(&v, x, sizeof v); return v; }
 inline void store(float* x, Floats v) { std::memcpy(x, &v, sizeof v); }
+
+// The first ``lanes`` (<= kLanes) floats at x, zeros after them; and the first ``lanes`` of v written to x.
+inline Floats load_n(const float* x, int64_t lanes) {
+  if (lanes == kLanes) return load(x);
+  float buffer[kLanes] = {};
+  std::copy(x, x + lanes, buffer);
+  return load(buffer);
+}
+inline void store_n(float* x, Floats v, int64_t lanes) {
+  if (lanes == kLanes) return store(x, v);
+  for (int64_t lane = 0; lane < lanes; ++lane) x[lane] = v[lane];
+}
 
 // x rounded to the nearest integer, ties to even (as torch.round), for 0 <= x < 2^22.
 inline Floats round_nonnegative(Floats x) {
@@ -154,33 +167,88 @@ void attend(const Problem& p, int64_t first, int64_t last) {
 }
 
 void quantize_range(const float* x, float* out, int64_t first, int64_t last, Quantizer quantizer) {
-  int64_t i = first;
-  for (; i + kLanes <= last; i += kLanes) store(out + i, quantizer(load(x + i)));
-  if (i < last) {
-    float lanes[kLanes] = {};
-    std::copy(x + i, x + last, lanes);
-    const Floats quantized = quantizer(load(lanes));
-    for (int64_t lane = 0; i + lane < last; ++lane) out[i + lane] = quantized[lane];
+  for (int64_t i = first; i < last; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, last - i);
+    store_n(out + i, quantizer(load_n(x + i, lanes)), lanes);
   }
 }
 
-// Runs work(first, last) over [0, count) split between up to ``threads`` threads (one below ``grain`` items each).
+// Runs work(worker, first, last) over [0, count) split between up to ``threads`` workers (0, 1, ...; at least
+// ``grain`` items each).
 template <typename Work>
 void split(int64_t count, int threads, int64_t grain, Work work) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count / grain));
   std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, count * w / workers, count * (w + 1) / workers);
-  work(0, count / workers);
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w, count * w / workers, count * (w + 1) / workers);
+  work(0, 0, count / workers);
   for (auto& thread : pool) thread.join();
 }
 
+// Eq. 1 over [first, last) writing x_q and r - c_hat (the residual Eq. 2 needs).
+void quantize_train_range(const float* x, float* out, float* residual, int64_t first, int64_t last,
+                          Quantizer quantizer) {
+  for (int64_t i = first; i < last; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, last - i);
+    const Floats level = minimum(maximum((load_n(x + i, lanes) - quantizer.lower) / quantizer.step, splat(0.0f)),
+                                 splat(quantizer.levels));
+    const Floats rounded = round_nonnegative(level);
+    store_n(out + i, rounded * quantizer.step + quantizer.lower, lanes);
+    store_n(residual + i, rounded - level, lanes);
+  }
+}
+
+// Eq. 2 over [first, last): grad_x (unless nullptr) and, into sums, the sums of grad dx_q/dl and grad dx_q/du.
+void quantize_backward_range(const float* grad, const float* x, const float* residual, float* grad_x, int64_t first,
+                             int64_t last, float lower, float upper, float levels, double* sums) {
+  const float fraction = 1.0f / levels;
+  double d_lower = 0.0, d_upper = 0.0;
+  for (int64_t i = first; i < last; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, last - i);
+    const Floats values = load_n(x + i, lanes), gradients = load_n(grad + i, lanes);
+    const Floats shift = load_n(residual + i, lanes) * fraction;
+    const Floats below = values <= lower ? splat(1.0f) : splat(0.0f), above = values >= upper ? splat(1.0f) : splat(0.0f);
+    d_lower += lane_sum(gradients * (below - shift));  // zero lanes past ``lanes``: no contribution
+    d_upper += lane_sum(gradients * (above + shift));
+    if (grad_x) store_n(grad_x + i, (values >= lower) & (values <= upper) ? gradients : splat(0.0f), lanes);
+  }
+  sums[0] = d_lower;
+  sums[1] = d_upper;
+}
+
 }  // namespace
+
+extern "C" int fake_quantize_train(const float* x, float* out, float* residual, int64_t count, float lower, float step,
+                                   float levels, int threads) {
+  // out = Eq. 1 of x, residual = round(c_hat) - c_hat (count floats each). Returns 0.
+  const Quantizer quantizer{true, lower, step, levels};
+  split(count, threads, 1 << 18, [&](int64_t, int64_t first, int64_t last) {
+    quantize_train_range(x, out, residual, first, last, quantizer);
+  });
+  return 0;
+}
+
+extern "C" int fake_quantize_backward(const float* grad, const float* x, const float* residual, float* grad_x,
+                                      int64_t count, float lower, float upper, float levels, double* sums,
+                                      int threads) {
+  // Eq. 2 with u the repaired upper bound: grad_x = grad 1[l <= x <= u] (grad_x may be nullptr); sums[0] =
+  // sum grad (1[x <= l] - residual / n), sums[1] = sum grad (1[x >= u] + residual / n). Returns 0.
+  std::vector<double> parts(2 * std::max(threads, 1), 0.0);
+  split(count, threads, 1 << 18, [&](int64_t worker, int64_t first, int64_t last) {
+    quantize_backward_range(grad, x, residual, grad_x, first, last, lower, upper, levels, &parts[2 * worker]);
+  });
+  sums[0] = sums[1] = 0.0;
+  for (size_t w = 0; w < parts.size(); w += 2) {
+    sums[0] += parts[w];
+    sums[1] += parts[w + 1];
+  }
+  return 0;
+}
 
 extern "C" int fake_quantize(const float* x, float* out, int64_t count, float lower, float step, float levels,
                              int threads) {
   // out = Eq. 1 of x (count floats; out may be x). Returns 0.
   const Quantizer quantizer{true, lower, step, levels};
-  split(count, threads, 1 << 18, [&](int64_t first, int64_t last) { quantize_range(x, out, first, last, quantizer); });
+  split(count, threads, 1 << 18, [&](int64_t, int64_t first, int64_t last) { quantize_range(x, out, first, last, quantizer); });
   return 0;
 }
 
@@ -199,6 +267,6 @@ extern "C" int window_attention(const float* q, const float* k, const float* v, 
     p.quantizers[t] = quantizers ? Quantizer{quantizers[4 * t] != 0.0f, quantizers[4 * t + 1],
                                              quantizers[4 * t + 2], quantizers[4 * t + 3]}
                                  : Quantizer{false, 0.0f, 1.0f, 1.0f};
-  split(batch * heads, threads, 1, [&](int64_t first, int64_t last) { attend(p, first, last); });
+  split(batch * heads, threads, 1, [&](int64_t, int64_t first, int64_t last) { attend(p, first, last); });
   return 0;
 }

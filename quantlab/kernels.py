@@ -1,12 +1,12 @@
-"""quantlab's CPU kernels (``kernels.cpp``): Eq. 1 in one pass over a tensor (the same values as PyTorch's
-eager ops), and window attention, softmax(Q K^T s + bias) V per (window, head) with one query row at a time in
-registers, optionally fake-quantizing Q, K, the softmax output and V.
+"""quantlab's CPU kernels (``kernels.cpp``): Eq. 1 in one pass over a tensor (the same values as PyTorch's eager
+ops) and Eq. 2's backward in one more; window attention, softmax(Q K^T s + bias) V per (window, head) with one query
+row at a time in registers, optionally fake-quantizing Q, K, the softmax output and V.
 
-Built on first use with the machine's C++ compiler (``$CXX`` or ``c++``; ``-march=native``, so once per CPU
-model), kept in ``$QUANTLAB_KERNEL_DIR`` (default ``kernels/`` in quantlab's cache dir, ``$QUANTLAB_CACHE``) and loaded with ctypes: no
-torch headers, a build of ~1 s. Without a compiler quantlab warns once and runs PyTorch's attention.
-``QUANTLAB_KERNELS=off`` (or :func:`off`) runs everything in PyTorch: the reference arithmetic, e.g. to count
-its aten operations (:func:`quantlab.cost.operation_counts`).
+Built on first use with the machine's C++ compiler (``$CXX`` or ``c++``; ``-march=native``, so once per CPU model),
+kept in ``$QUANTLAB_KERNEL_DIR`` (default ``kernels/`` in quantlab's cache dir) and loaded with ctypes: no torch
+headers, a build of ~1 s. Without a compiler quantlab warns once and runs PyTorch. ``QUANTLAB_KERNELS=off`` (or
+:func:`off`) runs everything in PyTorch: the reference arithmetic, e.g. to count its aten operations
+(:func:`quantlab.cost.operation_counts`).
 """
 from __future__ import annotations
 
@@ -71,9 +71,10 @@ def library() -> ctypes.CDLL | None:
                       "quantizers run in PyTorch (slower); install a C++ compiler (e.g. g++) or set CXX to one",
                       stacklevel=2)
         return None
-    lib.fake_quantize.restype = ctypes.c_int
     lib.fake_quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int]
-    lib.window_attention.restype = ctypes.c_int
+    lib.fake_quantize_train.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int]
+    lib.fake_quantize_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [
+        ctypes.c_void_p, ctypes.c_int]
     lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -102,9 +103,8 @@ def off() -> Iterator[None]:
 
 
 def runs_on(x: torch.Tensor) -> bool:
-    """True when the kernels can take ``x``: float32 on the CPU, no grad, switched on, and built on this machine."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and enabled()
-            and library() is not None)
+    """True when the kernels can take ``x``: float32 on the CPU, switched on, and built on this machine."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and enabled() and library() is not None
 
 
 def fake_quantize(x: torch.Tensor, lower: float, step: float, levels: int, out: torch.Tensor | None = None,
@@ -112,10 +112,38 @@ def fake_quantize(x: torch.Tensor, lower: float, step: float, levels: int, out: 
     """Eq. 1 with one (l, s) for all of ``x`` (contiguous), into ``out`` (may be ``x``) or a new tensor: the values
     of :func:`quantlab.quant.fake_quantize` (``s`` as it computes it), in one pass instead of six."""
     if not (runs_on(x) and x.is_contiguous()) or (out is not None and not (out.is_contiguous() and out.shape == x.shape)):
-        raise ValueError("the quantize kernel needs a contiguous float32 CPU tensor without grad (and out alike)")
+        raise ValueError("the quantize kernel needs a contiguous float32 CPU tensor (and out alike)")
     out = torch.empty_like(x) if out is None else out
     library().fake_quantize(x.data_ptr(), out.data_ptr(), x.numel(), lower, step, levels, torch.get_num_threads())
     return out
+
+
+def _check_flat(*tensors: torch.Tensor) -> None:
+    if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        raise ValueError("the quantize kernels need contiguous float32 CPU tensors")
+
+
+def fake_quantize_train(x: torch.Tensor, lower: float, step: float, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_q, r - c_hat) of Eq. 1 for training (``x`` contiguous, grad or not): the values of :func:`fake_quantize`
+    and the rounding residual that :func:`fake_quantize_backward` needs, in one pass."""
+    _check_flat(x)
+    out, residual = torch.empty_like(x, requires_grad=False), torch.empty_like(x, requires_grad=False)
+    library().fake_quantize_train(x.data_ptr(), out.data_ptr(), residual.data_ptr(), x.numel(), lower, step, levels,
+                                  torch.get_num_threads())
+    return out, residual
+
+
+def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, lower: float, upper: float,
+                           levels: int, input_grad: bool = True) -> tuple[torch.Tensor | None, float, float]:
+    """Eq. 2 in one pass, u the repaired upper bound: (grad 1[l <= x <= u] or None, sum grad (1[x <= l] - (r -
+    c_hat) / n), sum grad (1[x >= u] + (r - c_hat) / n)); the sums accumulate in float64 per vector of 16."""
+    _check_flat(grad, x, residual)
+    grad_x = torch.empty_like(x, requires_grad=False) if input_grad else None
+    sums = torch.zeros(2, dtype=torch.float64)
+    library().fake_quantize_backward(grad.data_ptr(), x.data_ptr(), residual.data_ptr(),
+                                     None if grad_x is None else grad_x.data_ptr(), x.numel(), lower, upper, levels,
+                                     sums.data_ptr(), torch.get_num_threads())
+    return grad_x, sums[0].item(), sums[1].item()
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
@@ -128,7 +156,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     output (for an observer), or None (no attention map in memory). Returns (B * W, heads, N, d): a view of a (B * W, N, heads, d) tensor, so that the tokens' layout
     the projection wants (``.transpose(1, 2).reshape(B * W, N, heads * d)``) is free. Within ~1e-6 of the
     explicit attention (another summation order and exp)."""
-    if not (runs_on(q) and runs_on(bias)):
+    if not (runs_on(q) and runs_on(bias)) or torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("the attention kernel needs float32 CPU tensors without grad and a C++ compiler to build it")
     windows, heads, tokens, dim = q.shape
     if k.shape != q.shape or v.shape != q.shape or bias.shape[1:] != (heads, tokens, tokens):

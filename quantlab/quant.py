@@ -58,19 +58,28 @@ def _indicator(compare: Callable, x: torch.Tensor, bound: torch.Tensor) -> torch
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """Eq. (1) forward, Eq. (2) backward; ``lower``/``upper`` broadcast against ``x``."""
+    """Eq. (1) forward, Eq. (2) backward; ``lower``/``upper`` broadcast against ``x``. One pair of bounds over a
+    contiguous CPU tensor runs quantlab's kernels (the same forward values, one pass each way)."""
 
     @staticmethod
     def forward(ctx, x, lower, upper, levels):
+        ctx.levels, ctx.kernel = levels, _one_pair(x, lower, upper) and x.is_contiguous() and kernels.runs_on(x)
+        if ctx.kernel:
+            out, rounding = kernels.fake_quantize_train(x, lower.item(), ((upper - lower) / levels).item(), levels)
+            ctx.save_for_backward(x, lower, upper, rounding)
+            return out
         c_hat, step = clip_scaled(x, lower, upper, levels)
         r = torch.round(c_hat)
         ctx.save_for_backward(x, lower, upper, r - c_hat)
-        ctx.levels = levels
         return r.mul_(step).add_(lower)
 
     @staticmethod
     def backward(ctx, grad):
         x, lower, upper, rounding = ctx.saved_tensors
+        if ctx.kernel:
+            grad_x, d_lower, d_upper = kernels.fake_quantize_backward(
+                grad.contiguous(), x, rounding, lower.item(), upper.item(), ctx.levels, ctx.needs_input_grad[0])
+            return grad_x, lower.new_full(lower.shape, d_lower), upper.new_full(upper.shape, d_upper), None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad * _indicator(torch.ge, x, lower).mul_(_indicator(torch.le, x, upper))
@@ -78,6 +87,11 @@ class _FakeQuantize(torch.autograd.Function):
         d_upper = _indicator(torch.ge, x, upper).add_(rounding, alpha=frac)  # 1[x >= u] + (r - c_hat) / n
         d_lower = _indicator(torch.le, x, lower).sub_(rounding, alpha=frac)  # 1[x <= l] - (r - c_hat) / n
         return grad_x, _sum_product(grad, d_lower, lower.shape), _sum_product(grad, d_upper, upper.shape), None
+
+
+def _one_pair(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> bool:
+    """True when ``lower`` and ``upper`` are one value each and the output has ``x``'s shape."""
+    return all(bound.numel() == 1 and bound.dim() <= x.dim() for bound in (lower, upper))
 
 
 def _sum_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -122,8 +136,7 @@ def _quantize_values(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
     """Eq. 1's values (no autograd) into ``out`` (may be ``x``) or a new tensor: in one pass of quantlab's kernel
     (:func:`quantlab.kernels.fake_quantize`, the same values) for one pair of bounds over a contiguous CPU tensor,
     else in PyTorch."""
-    one_pair = all(bound.numel() == 1 and bound.dim() <= x.dim() for bound in (lower, upper))  # output shaped as x
-    if one_pair and x.is_contiguous() and kernels.runs_on(x):
+    if _one_pair(x, lower, upper) and x.is_contiguous() and kernels.runs_on(x):
         step = (upper - lower) / levels
         return kernels.fake_quantize(x, lower.item(), step.item(), levels, out=out)
     c_hat, step = clip_scaled(x, lower, upper, levels, out=out)

@@ -158,7 +158,7 @@ def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> 
         return paths[pinned]()
     if pinned != "auto" and pinned not in ATTENTION_PATHS:
         raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {ATTENTION_PATHS}, got {pinned!r}")
-    if key in _chosen_paths:
+    if _chosen_paths.get(key) in paths:  # else not chosen yet, or the choice is gone (the kernels switched off)
         return paths[_chosen_paths[key]]()
     seconds, outputs = dict.fromkeys(paths, 0.0), {}
     for _ in range(2):

@@ -1,3 +1,4 @@
+import contextlib
 import warnings
 
 import pytest
@@ -206,3 +207,46 @@ def test_kernels_switch_is_checked(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "fast")
     with pytest.raises(ValueError, match="QUANTLAB_KERNELS must be 'on' or 'off'"):
         kernels.runs_on(q)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_training_quantizer_gives_pytorchs_values_and_gradients(bits):
+    """Eq. 1 forward and Eq. 2 backward through the kernels against the PyTorch ops (QUANTLAB_KERNELS=off): the same
+    x_q and input gradient exactly; the bounds' gradients (sums over 2^20 + 3 values) within 1e-6 relative of Eq. 2
+    summed in float64 (PyTorch's float32 dot product is ~1e-5 off here)."""
+    x = torch.randn(2**20 + 3, generator=torch.Generator().manual_seed(bits)) * 2
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    results = {}
+    for name in ("kernel", "pytorch"):
+        leaf = x.clone().requires_grad_()
+        lower, upper = torch.tensor([-1.1], requires_grad=True), torch.tensor([1.7], requires_grad=True)
+        with kernels.off() if name == "pytorch" else contextlib.nullcontext():
+            out = quant.fake_quantize(leaf, lower, upper, bits)
+            (out * weights).sum().backward()
+        results[name] = out.detach(), leaf.grad, lower.grad, upper.grad
+    (out_k, gx_k, gl_k, gu_k), (out_p, gx_p, _, _) = results["kernel"], results["pytorch"]
+    assert torch.equal(out_k, out_p) and torch.equal(gx_k, gx_p)
+    levels = 2**bits - 1
+    c_hat, _ = quant.clip_scaled(x, lower.detach(), upper.detach(), levels)
+    shift = (c_hat.round() - c_hat).double() / levels
+    expected_lower = (weights.double() * ((x <= -1.1).double() - shift)).sum()
+    expected_upper = (weights.double() * ((x >= 1.7).double() + shift)).sum()
+    assert abs(gl_k.item() - expected_lower) <= 1e-6 * abs(expected_lower)
+    assert abs(gu_k.item() - expected_upper) <= 1e-6 * abs(expected_upper)
+    assert abs(expected_lower) > 1 and abs(expected_upper) > 1  # clipped values on both sides
+
+
+def test_switching_the_kernels_off_after_the_choice_runs_pytorch(monkeypatch):
+    """A shape whose measured choice was the kernel runs PyTorch's paths once the kernels are off."""
+    monkeypatch.delenv(ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    attn = WindowAttention(60, 6, 8)
+    x = torch.randn(8, 64, 60)
+    with torch.no_grad():
+        first = attn(x, None)
+        key = next(iter(swinir.chosen_attention_paths()))
+        swinir._chosen_paths[key] = "kernel"
+        with kernels.off():
+            second = attn(x, None)
+    assert swinir.chosen_attention_paths()[key] in ("fused", "explicit")
+    assert (first - second).abs().max() <= 1e-5
