@@ -309,8 +309,14 @@ class SplitQuantLinear(nn.Module):
             return torch.cat([part(x) for part in parts], dim=-1)
         acts = [part.act for part in parts]
         inputs = [acts[0](x)] * len(acts) if quantize_alike(acts) else [act(x) for act in acts]
-        if any(x_q is not inputs[0] for x_q in inputs):
-            return torch.cat([part.project(x_q) for part, x_q in zip(parts, inputs)], dim=-1)
+        if any(x_q is not inputs[0] for x_q in inputs):  # each part's GEMM writes its columns of one output
+            rows = [part.linear.out_features for part in parts]
+            out = x.new_empty(*x.shape[:-1], sum(rows))
+            for part, x_q, columns in zip(parts, inputs, out.view(-1, sum(rows)).split(rows, dim=-1)):
+                weight, bias = part.weight(part.linear.weight).t(), part.linear.bias
+                x_q = x_q.reshape(-1, x_q.shape[-1])
+                torch.mm(x_q, weight, out=columns) if bias is None else torch.addmm(bias, x_q, weight, out=columns)
+            return out
         weight = torch.cat([part.weight(part.linear.weight) for part in parts])
         bias = None if parts[0].linear.bias is None else torch.cat([part.linear.bias for part in parts])
         return F.linear(inputs[0], weight, bias)

@@ -469,7 +469,8 @@ def test_calibration_through_the_in_place_attention_sees_the_explicit_attentions
 def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_and_patches):
     """Inference quantizes the shared q/k/v input once when the three input quantizers have the same
     bits and bounds, and runs one matmul (same output as three parts); hooks, different bounds, or
-    autograd run the parts."""
+    autograd run the parts (different bounds: each part's matmul into its columns of one output, the values of
+    concatenating the three)."""
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     qkv = qmodel.layers[0].blocks[0].attn.qkv
@@ -499,3 +500,7 @@ def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_
     with torch.no_grad():
         assert not torch.equal(qmodel(patches), shared)
     assert calls == ["q", "k", "v"]
+    tokens = torch.randn(2, 16, qkv.q.linear.in_features)  # distinct inputs: each part's GEMM into its columns
+    with torch.no_grad():
+        parts = [getattr(qkv, name) for name in qkv.parts]
+        assert torch.equal(qkv(tokens), torch.cat([part.project(part.act(tokens)) for part in parts], dim=-1))
