@@ -107,20 +107,22 @@ def runs_on(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and enabled() and library() is not None
 
 
+def _check_flat(*tensors: torch.Tensor) -> None:
+    """The quantize kernels' inputs: contiguous float32 CPU tensors of one shape (the switch is the caller's: a
+    backward follows its forward's choice)."""
+    if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == tensors[0].shape
+               for t in tensors) or library() is None:
+        raise ValueError("the quantize kernels need contiguous float32 CPU tensors of one shape (and the kernels built)")
+
+
 def fake_quantize(x: torch.Tensor, lower: float, step: float, levels: int, out: torch.Tensor | None = None,
                   ) -> torch.Tensor:
     """Eq. 1 with one (l, s) for all of ``x`` (contiguous), into ``out`` (may be ``x``) or a new tensor: the values
     of :func:`quantlab.quant.fake_quantize` (``s`` as it computes it), in one pass instead of six."""
-    if not (runs_on(x) and x.is_contiguous()) or (out is not None and not (out.is_contiguous() and out.shape == x.shape)):
-        raise ValueError("the quantize kernel needs a contiguous float32 CPU tensor (and out alike)")
     out = torch.empty_like(x) if out is None else out
+    _check_flat(x, out)
     library().fake_quantize(x.data_ptr(), out.data_ptr(), x.numel(), lower, step, levels, torch.get_num_threads())
     return out
-
-
-def _check_flat(*tensors: torch.Tensor) -> None:
-    if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        raise ValueError("the quantize kernels need contiguous float32 CPU tensors")
 
 
 def fake_quantize_train(x: torch.Tensor, lower: float, step: float, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +155,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     projection); bias: (W, heads, N, N), W windows per image (or 1 for all). ``quantizers``: the specs of Q (after
     the scale), K, the softmax output and V, as :meth:`WindowAttention.explicit_attention` quantizes them through
     its matmuls; ``probabilities``: a contiguous (B * W, heads, N, N) tensor to receive the (quantized) softmax
-    output (for an observer), or None (no attention map in memory). Returns (B * W, heads, N, d): a view of a (B * W, N, heads, d) tensor, so that the tokens' layout
-    the projection wants (``.transpose(1, 2).reshape(B * W, N, heads * d)``) is free. Within ~1e-6 of the
-    explicit attention (another summation order and exp)."""
-    if not (runs_on(q) and runs_on(bias)) or torch.is_grad_enabled() and q.requires_grad:
+    output (for an observer), or None (no attention map in memory). Returns (B * W, heads, N, d): a view of a
+    (B * W, N, heads, d) tensor, so that the tokens' layout the projection wants (``.transpose(1, 2).reshape(B * W,
+    N, heads * d)``) is free. Within ~1e-6 of the explicit attention (another summation order and exp)."""
+    if not all(map(runs_on, (q, k, v, bias))) or torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("the attention kernel needs float32 CPU tensors without grad and a C++ compiler to build it")
     windows, heads, tokens, dim = q.shape
     if k.shape != q.shape or v.shape != q.shape or bias.shape[1:] != (heads, tokens, tokens):

@@ -31,7 +31,8 @@ PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2D
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
 CACHE_VERSION = 4  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
-# (4: quantized inference and calibration passes run quantlab.kernels.window_attention, ~1e-7 from PyTorch per score)
+# (4: quantlab.kernels: the attention's scores ~1e-7 from PyTorch's, the training quantizer's bound gradients
+# summed in float64)
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
