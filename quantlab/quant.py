@@ -65,7 +65,7 @@ class _FakeQuantize(torch.autograd.Function):
     def forward(ctx, x, lower, upper, levels):
         ctx.levels, ctx.kernel = levels, _one_pair(x, lower, upper) and x.is_contiguous() and kernels.runs_on(x)
         if ctx.kernel:
-            out, rounding = kernels.fake_quantize_train(x, lower.item(), ((upper - lower) / levels).item(), levels)
+            out, rounding = kernels.fake_quantize_train(x, *_lower_and_step(lower, upper, levels), levels)
             ctx.save_for_backward(x, lower, upper, rounding)
             return out
         c_hat, step = clip_scaled(x, lower, upper, levels)
@@ -87,6 +87,12 @@ class _FakeQuantize(torch.autograd.Function):
         d_upper = _indicator(torch.ge, x, upper).add_(rounding, alpha=frac)  # 1[x >= u] + (r - c_hat) / n
         d_lower = _indicator(torch.le, x, lower).sub_(rounding, alpha=frac)  # 1[x <= l] - (r - c_hat) / n
         return grad_x, _sum_product(grad, d_lower, lower.shape), _sum_product(grad, d_upper, upper.shape), None
+
+
+def _lower_and_step(lower: torch.Tensor, upper: torch.Tensor, levels: int) -> tuple[float, float]:
+    """(l, s) of one pair of bounds (u already repaired) as the kernels take them, s computed as
+    :func:`clip_scaled` does: ``(u - l) / levels`` in the bounds' dtype."""
+    return lower.item(), ((upper - lower) / levels).item()
 
 
 def _one_pair(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> bool:
@@ -137,8 +143,7 @@ def _quantize_values(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
     (:func:`quantlab.kernels.fake_quantize`, the same values) for one pair of bounds over a contiguous CPU tensor,
     else in PyTorch."""
     if _one_pair(x, lower, upper) and x.is_contiguous() and kernels.runs_on(x):
-        step = (upper - lower) / levels
-        return kernels.fake_quantize(x, lower.item(), step.item(), levels, out=out)
+        return kernels.fake_quantize(x, *_lower_and_step(lower, upper, levels), levels, out=out)
     c_hat, step = clip_scaled(x, lower, upper, levels, out=out)
     return c_hat.round_().mul_(step).add_(lower)
 
@@ -215,9 +220,8 @@ class FakeQuantizer(nn.Module):
         :func:`quantlab.kernels.window_attention`; None (a pass-through) in "off" and "observe" mode."""
         if self.mode != "quantize":
             return None
-        lower, upper = _bounds_like(self.lower, self.lower, self.upper)
         levels = 2**self.bits - 1
-        return lower.item(), ((upper - lower) / levels).item(), levels
+        return (*_lower_and_step(self.lower, repaired_upper(self.lower, self.upper), levels), levels)
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
@@ -369,8 +373,9 @@ class QuantWindowAttention(WindowAttention):
         """As :meth:`WindowAttention.attend`: with grad disabled and unhooked matmuls (a hook must see their
         operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
         tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
-        switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of :meth:`chunked_attention` (Q scaled, K^T, the
-        softmax output, which the kernel writes only for an observer, and V). Else :meth:`chunked_attention`, in
+        switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of
+        :meth:`chunked_attention` (Q scaled, K^T, the softmax output, which the kernel writes only for an observer,
+        and V). Else :meth:`chunked_attention`, in
         runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`), else in one run. Training
         runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
