@@ -36,7 +36,8 @@ KERNELS_ENV = "QUANTLAB_KERNELS"  # "on" (default) or "off"
 QuantizerSpec = tuple[float, float, int] | None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's first "model name"), else :func:`platform.processor`."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -47,7 +48,7 @@ def _cpu_model() -> str:
 def _build(compiler: str, folder: Path) -> Path:
     """The kernel's shared library for this source, compiler and CPU model: built into ``folder`` unless there."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILER_FLAGS, version, _cpu_model()]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILER_FLAGS, version, cpu_model()]).encode()).hexdigest()
     library = folder / f"kernels-{key[:16]}.so"
     if not library.is_file():
         with atomic_path(library) as built:  # never half a file, even with several processes building at once

@@ -9,16 +9,21 @@ modules of the same names, so this file knows nothing of quantization. Module na
 """
 from __future__ import annotations
 
+import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .data import cache_dir
+from .files import atomic_path
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 SHIFT_MASK_VALUE = -100.0  # what the official code adds between tokens of different shifted regions
@@ -141,6 +146,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
 
 ATTENTION_PATHS = ("fused", "explicit", "kernel")
 ATTENTION_ENV = "QUANTLAB_ATTENTION"  # one of ATTENTION_PATHS pins the inference path; unset or "auto" measures
+ATTENTION_CHOICES = "attention-paths.json"  # in data.cache_dir(): the measured choices of this machine
 CLOSE_RACE = 1.5  # a second timed round of the paths when the slowest is within this factor of the fastest
 _chosen_paths: dict[tuple, str] = {}
 
@@ -148,16 +154,22 @@ _chosen_paths: dict[tuple, str] = {}
 def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
     """The output of the fastest of ``paths`` (name -> run) for inputs described by ``key``. Which one is
     fastest depends on the CPU and the shape (PyTorch's fused kernel is 2-3x faster than the explicit one on Intel
-    Xeons; on AMD EPYCs it was ~25% slower on 8 patches of 64x64 and faster for 3 of the 4 shapes of
-    ``benchmarks/inference_speed.py``), so the first call per key and process times them all on these very inputs
-    (a second round when close) and keeps the choice. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
-    pins it (outputs differ by ~1e-6); a pinned path that is not among ``paths`` (the kernel without a compiler)
-    leaves the choice to the measurement."""
+    Xeons; on AMD EPYCs quantlab's kernel is ~3x faster than the explicit one), so the first call per key on a machine times
+    them all on these very inputs (a second round when close) and keeps the choice, in this process and in
+    :data:`ATTENTION_CHOICES` of the cache dir for every later process on this machine (CPU model, torch version,
+    thread count): the paths differ by ~1e-6, which calibration and distillation amplify, so a timing must not
+    decide twice. Delete that file to measure again. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
+    pins the path; a pinned path that is not among ``paths`` (the kernel without a compiler) leaves the choice to
+    the measurement."""
     pinned = os.environ.get(ATTENTION_ENV, "auto")
     if pinned in paths:
         return paths[pinned]()
     if pinned != "auto" and pinned not in ATTENTION_PATHS:
         raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {ATTENTION_PATHS}, got {pinned!r}")
+    if key not in _chosen_paths:
+        remembered = _remembered_paths().get(_machine_key(key))
+        if remembered is not None:
+            _chosen_paths[key] = remembered
     if _chosen_paths.get(key) in paths:  # else not chosen yet, or the choice is gone (the kernels switched off)
         return paths[_chosen_paths[key]]()
     seconds, outputs = dict.fromkeys(paths, 0.0), {}
@@ -169,7 +181,40 @@ def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> 
         if max(seconds.values()) > CLOSE_RACE * min(seconds.values()):
             break
     _chosen_paths[key] = min(seconds, key=seconds.get)
+    _remember_path(_machine_key(key), _chosen_paths[key])
     return outputs[_chosen_paths[key]]
+
+
+def _machine_key(key: tuple) -> str:
+    """``key`` with what else decides the race: CPU model, torch version, threads (and the GPU on CUDA)."""
+    device = torch.cuda.get_device_name() if "cuda" in key else kernels.cpu_model()
+    return repr((device, torch.__version__, torch.get_num_threads(), *map(str, key)))
+
+
+def _choices_file() -> Path:
+    return cache_dir() / ATTENTION_CHOICES
+
+
+def _remembered_paths() -> dict[str, str]:
+    """The choices stored on this machine ({} when none or unreadable: they are only a speed hint)."""
+    try:
+        return json.loads(_choices_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_path(machine_key: str, path: str) -> None:
+    """Store a choice unless another process stored one for this key first (then that one holds next time)."""
+    choices = _remembered_paths()
+    if machine_key in choices:
+        return
+    choices[machine_key] = path
+    try:
+        with atomic_path(_choices_file()) as tmp:
+            tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
+    except OSError as error:
+        warnings.warn(f"could not store the attention path chosen here in {_choices_file()} ({error}); later "
+                      f"processes will measure again (set QUANTLAB_CACHE to a writable folder)", stacklevel=3)
 
 
 def chosen_attention_paths() -> dict[tuple, str]:

@@ -236,8 +236,9 @@ def test_training_quantizer_gives_pytorchs_values_and_gradients(bits):
     assert abs(expected_lower) > 1 and abs(expected_upper) > 1  # clipped values on both sides
 
 
-def test_switching_the_kernels_off_after_the_choice_runs_pytorch(monkeypatch):
+def test_switching_the_kernels_off_after_the_choice_runs_pytorch(monkeypatch, tmp_path):
     """A shape whose measured choice was the kernel runs PyTorch's paths once the kernels are off."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
     monkeypatch.delenv(ATTENTION_ENV, raising=False)
     monkeypatch.setattr(swinir, "_chosen_paths", {})
     attn = WindowAttention(60, 6, 8)

@@ -6,6 +6,7 @@ shifted regions (the official mask value), with the relative-position bias index
 coordinates. It shares no code with quantlab.swinir, so agreement checks the window partition,
 the cyclic shift, the mask, the bias indexing, padding and cropping together.
 """
+import json
 import math
 import time
 
@@ -169,9 +170,10 @@ def test_attention_bias_is_contiguous_with_and_without_mask():
     assert torch.equal(attn.attention_bias(n, mask), mask[:, None] + expected)
 
 
-def test_attention_path_is_measured_once_per_key(monkeypatch):
+def test_attention_path_is_measured_once_per_key(monkeypatch, tmp_path):
     """The first call for a key runs every path (timed) and returns the faster one's output; later calls
     run only that path; a pinned path runs alone; a wrong pin names the variable and the choices."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
     monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
     monkeypatch.setattr(swinir, "_chosen_paths", {})
     calls = []
@@ -193,6 +195,39 @@ def test_attention_path_is_measured_once_per_key(monkeypatch):
     monkeypatch.setenv(swinir.ATTENTION_ENV, "fast")
     with pytest.raises(ValueError, match="QUANTLAB_ATTENTION must be 'auto' or one of"):
         swinir.attention_path(("k",), paths)
+
+
+def test_a_later_process_on_the_machine_keeps_the_stored_choice(monkeypatch, tmp_path):
+    """The choice goes to the cache dir; a process that has not measured (its choices empty) runs the
+    stored path without timing, even when another would now win; another thread count measures anew."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    calls = []
+
+    def path(name: str, seconds: float):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor(seconds)
+        return run
+
+    assert swinir.attention_path(("k",), {"a": path("a", 0.05), "b": path("b", 0.0)}).item() == 0.0
+    stored = json.loads((tmp_path / swinir.ATTENTION_CHOICES).read_text())
+    assert list(stored.values()) == ["b"]
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    paths = {"a": path("a", 0.0), "b": path("b", 0.05)}  # "b" is now the slow one
+    calls.clear()
+    assert swinir.attention_path(("k",), paths).item() > 0 and calls == ["b"]
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    try:
+        torch.set_num_threads(threads + 1)
+        calls.clear()
+        assert swinir.attention_path(("k",), paths).item() == 0.0 and calls == ["a", "b"]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads((tmp_path / swinir.ATTENTION_CHOICES).read_text())) == 2
 
 
 def test_oracle_detects_a_wrong_shift(official_checkpoint):
