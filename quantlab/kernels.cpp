@@ -20,8 +20,9 @@ typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 inline Floats splat(float x) { return Floats{} + x; }
-inline Floats maximum(Floats a, Floats b) { return a > b ? a : b; }
-inline Floats minimum(Floats a, Floats b) { return a < b ? a : b; }
+// A NaN in ``a`` is kept (as torch's clamp and max keep it), so a NaN input gives a NaN output, never a bound.
+inline Floats maximum(Floats a, Floats b) { return a > b || a != a ? a : b; }
+inline Floats minimum(Floats a, Floats b) { return a < b || a != a ? a : b; }
 inline Floats load(const float* x) { Floats v; std::memcpy(&v, x, sizeof v); return v; }
 inline void store(float* x, Floats v) { std::memcpy(x, &v, sizeof v); }
 

@@ -251,3 +251,17 @@ def test_switching_the_kernels_off_after_the_choice_runs_pytorch(monkeypatch, tm
             second = attn(x, None)
     assert swinir.chosen_attention_paths()[key] in ("fused", "explicit")
     assert (first - second).abs().max() <= 1e-5
+
+
+def test_a_nan_input_gives_nan_outputs_as_in_pytorch():
+    """A NaN in Q makes its softmax row and output row NaN, and Eq. 1 keeps a NaN (not the lower bound), as
+    PyTorch's ops do: bad values surface instead of vanishing into a clamp."""
+    q, k, v = (t.clone() for t in qkv_views(4, 2, 16, 8))
+    q[1, 1, 5, 0] = float("nan")
+    bias = torch.zeros(1, 2, 16, 16)
+    out, reference = kernels.window_attention(q, k, v, bias, 0.3), explicit(q, k, v, bias, 0.3)
+    assert torch.equal(out.isnan(), reference.isnan()) and out[1, 1, 5].isnan().all()
+    x = torch.randn(1000)
+    x[[3, 500]] = float("nan")
+    lower, upper = torch.tensor(-1.0), torch.tensor(0.5)
+    assert torch.equal(kernels.fake_quantize(x, *quant._lower_and_step(lower, upper, 15), 15).isnan(), x.isnan())
