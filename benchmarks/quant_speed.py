@@ -80,6 +80,8 @@ def main() -> None:
     calibrations = ["dobi", *compared]
     for name in calibrations:  # warm-up at full size: heap, MKL
         quantize_with(model, name, args.bits, patches=patches, progress=False)
+    with torch.no_grad():
+        model(patches)  # the FP forward's warm-up: its first call per shape may time the attention paths
     runs = {name: [] for name in ["forward", *calibrations]}
     for round_ in range(1, args.rounds + 1):  # alternating, so that all see the same machine load
         for name in calibrations:

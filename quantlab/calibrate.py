@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .quant import ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, check_bits, clip_scaled, quantizers, repaired_upper, set_mode
+from .quant import (ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, TensorSample, check_bits, clip_scaled, quantizers,
+                    repaired_upper, set_mode)
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
@@ -100,6 +101,16 @@ def seeded_positions(n: int, size: int) -> torch.Tensor:
     return torch.randint(n, (size,), generator=torch.Generator().manual_seed(0), device="cpu")
 
 
+def sample_offsets(shape: torch.Size, sample: int) -> torch.Tensor | None:
+    """The sorted flat positions (int64, CPU) that :func:`sample_values` reads of a contiguous tensor of ``shape``,
+    or None when it has at most ``sample`` elements (all are used): an observer's
+    :attr:`~quantlab.quant.FakeQuantizer.sample_offsets` for DOBI's sampled search."""
+    if math.prod(shape) <= sample:
+        return None
+    strides = tuple(math.prod(shape[dim + 1:]) for dim in range(len(shape)))
+    return _sample_offsets(tuple(shape), strides, sample, torch.device("cpu"))
+
+
 @functools.lru_cache(maxsize=32)
 def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int, device: torch.device) -> torch.Tensor:
     """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
@@ -121,7 +132,7 @@ def _check_dobi_input(x: torch.Tensor, num_points: int) -> None:
 
 
 @torch.no_grad()
-def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: int = 100,
+def dobi_search(x: torch.Tensor | TensorSample, bits: int, symmetric: bool = True, num_points: int = 100,
                 bins: int | None = None, sample: int | None = None, chunk: int = 2**14,
                 grid: str = "release") -> Bounds:
     """DOBI for one tensor (2DQuant Alg. 1): the candidate of :func:`dobi_candidates` with the smallest L2
@@ -129,13 +140,15 @@ def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: 
     (``grid="algorithm1"``: Algorithm 1's <=). The grid comes from the exact min and max of ``x``. All
     candidates are scored in one batched computation: exactly over ``chunk``-element parts of ``x``
     (default; K x chunk floats stay in cache), or over a ``bins``-bin histogram (bin centres weighted by
-    counts) of ``x`` or, with ``sample``, of that many elements drawn uniformly at random (seeded).
+    counts) of ``x`` or, with ``sample``, of that many elements drawn uniformly at random (seeded): those a
+    :class:`~quantlab.quant.TensorSample` ``x`` holds (of :func:`sample_offsets`), with its exact min and max.
     Returns 0-d tensors (lower, upper). ValueError for an empty ``x``, NaN/inf in ``x`` or ``num_points`` < 1.
     """
     check_bits(bits)
     _check_dobi_input(x, num_points)
-    x = x.detach()
-    lo, hi = torch.aminmax(x)
+    summarized = isinstance(x, TensorSample)
+    x = x if summarized else x.detach()
+    lo, hi = (x.minimum, x.maximum) if summarized else torch.aminmax(x)
     lo, hi = lo.float(), hi.float()
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
         raise ValueError(f"dobi_search got NaN or inf values (min {lo.item()}, max {hi.item()}): bounds of such a "
@@ -143,7 +156,10 @@ def dobi_search(x: torch.Tensor, bits: int, symmetric: bool = True, num_points: 
     if hi == lo or not torch.isfinite(hi - lo):
         return lo, hi
     lower, upper = dobi_candidates(lo, hi, symmetric, num_points, grid)
-    values = (sample_values(x, sample) if sample and x.numel() > sample else flat_values(x)).float()
+    if summarized:
+        values = x.values.float()
+    else:
+        values = (sample_values(x, sample) if sample and x.numel() > sample else flat_values(x)).float()
     if bins:
         counts = torch.histc(values, bins, lo.item(), hi.item())
         centres = lo + (torch.arange(bins, device=values.device) + 0.5) * (hi - lo) / bins
@@ -184,7 +200,7 @@ def kth_value(flat: torch.Tensor, k: int, largest: bool = False, sample: int = 2
     return flat.kthvalue(flat.numel() + 1 - k if largest else k).values
 
 
-Fit = Callable[[FakeQuantizer, torch.Tensor], Bounds]
+Fit = Callable[[FakeQuantizer, torch.Tensor | TensorSample], Bounds]
 
 
 def group_dim(quantizer: FakeQuantizer, x: torch.Tensor) -> int | None:
@@ -222,21 +238,25 @@ def check_patches(patches: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def stream(qmodel: nn.Module, patches: torch.Tensor, observe: Callable[[FakeQuantizer, torch.Tensor], None]) -> None:
+def stream(qmodel: nn.Module, patches: torch.Tensor,
+           observe: Callable[[FakeQuantizer, torch.Tensor | TensorSample], None],
+           sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None) -> None:
     """One FP pass of ``patches`` (N, 3, h, w) with every quantizer in observe mode:
     ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
-    (q/k/v input quantizers get the same tensor object); nothing else is kept."""
+    (q/k/v input quantizers get the same tensor object); nothing else is kept. With ``sample_offsets``
+    (:attr:`~quantlab.quant.FakeQuantizer.sample_offsets`), ``observe`` may get a
+    :class:`~quantlab.quant.TensorSample` in place of a tensor a kernel did not write out."""
     check_patches(patches)
     named = [q for _, q in quantizers(qmodel)]
     for quantizer in named:
-        quantizer.observer = observe
+        quantizer.observer, quantizer.sample_offsets = observe, sample_offsets
     set_mode(qmodel, "observe")
     try:
         qmodel.eval()(patches.to(next(qmodel.parameters()).device))
     finally:
         set_mode(qmodel, "quantize")
         for quantizer in named:
-            quantizer.observer = None
+            quantizer.observer = quantizer.sample_offsets = None
 
 
 @torch.no_grad()
@@ -254,13 +274,20 @@ def sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Module
             handle.remove()
 
 
-def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> nn.Module:
+def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit,
+                        sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None) -> nn.Module:
     """One FP pass of ``patches`` (N, 3, h, w) in which every quantizer sets its bounds to
-    ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit."""
+    ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit. A ``fit`` that
+    takes a :class:`~quantlab.quant.TensorSample` passes the ``sample_offsets`` it reads (see :func:`stream`)."""
     names = {q: name for name, q in quantizers(qmodel)}
     last: dict[bool, dict] = {True: {}, False: {}}  # the last weight and the last activation seen
 
-    def observe(quantizer: FakeQuantizer, x: torch.Tensor) -> None:
+    def observe(quantizer: FakeQuantizer, x: torch.Tensor | TensorSample) -> None:
+        if isinstance(x, TensorSample):  # a per-tensor quantizer's own tensor, never shared
+            bounds = fit(quantizer, x)
+            _check_finite(torch.stack(bounds), names[quantizer])
+            quantizer.set_bounds(*bounds)
+            return
         key = (x._version, quantizer.kind, quantizer.bits, quantizer.per_channel)
         slot = last[quantizer.kind == WEIGHT]
         if slot.get("tensor") is not x or slot.get("key") != key:  # holding x keeps its identity unique
@@ -268,7 +295,7 @@ def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit) -> n
             _check_finite(torch.cat([b.flatten() for b in slot["bounds"]]), names[quantizer])
         quantizer.set_bounds(*slot["bounds"])
 
-    stream(qmodel, patches, observe)
+    stream(qmodel, patches, observe, sample_offsets)
     return qmodel
 
 
@@ -304,7 +331,8 @@ def dobi(qmodel: nn.Module, patches: torch.Tensor, mode: str = DEFAULT_DOBI_MODE
     ``bins=None, sample=None`` scores every candidate on every element exactly (about 30x slower on SwinIR-light)."""
     grid = dobi_grid(mode)
     return calibrate_streaming(qmodel, patches, lambda q, x: dobi_search(
-        x, q.bits, symmetric=not is_one_sided(q, mode), num_points=num_points, bins=bins, sample=sample, grid=grid))
+        x, q.bits, symmetric=not is_one_sided(q, mode), num_points=num_points, bins=bins, sample=sample, grid=grid),
+        functools.partial(sample_offsets, sample=sample) if sample else None)
 
 
 METHODS = {"minmax": minmax, "percentile": percentile, "dobi": dobi}

@@ -5,7 +5,8 @@
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
 // - window_attention: softmax(Q K^T * scale + bias) V in one pass per (window, head), one query row at a time in
 //   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
-//   and V.
+//   and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
+//   given positions.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -95,16 +96,43 @@ struct Problem {
   Quantizer quantizers[4];  // Q, K, softmax output, V
   float* out;               // (batch, tokens, heads, dim), contiguous
   float* probabilities;     // nullptr, or (batch, heads, tokens, tokens): the (quantized) softmax output
+  const int64_t* offsets;   // sorted flat positions in that softmax output whose elements go to sample
+  int64_t offset_count;
+  float* sample;            // offset_count floats
+  float* extremes;          // nullptr (no sample either), or 2 floats per worker: min and max of the softmax output
+                            // over the worker's items
 };
+
+// Min and max that give NaN when either operand is NaN (as torch.aminmax does for a tensor with one).
+inline float min_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::min(a, b); }
+inline float max_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::max(a, b); }
+
+// Min and max of the first n floats of ``row`` folded into the lane-wise lo and hi (whole vectors) and the scalar
+// tail_lo and tail_hi (the rest); a NaN sticks in either.
+inline void update_extremes(const float* row, int64_t n, Floats& lo, Floats& hi, float& tail_lo, float& tail_hi) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const Floats v = load(row + j);
+    lo = minimum(v, lo);
+    hi = maximum(v, hi);
+  }
+  for (; j < n; ++j) {
+    tail_lo = min_keeping_nan(tail_lo, row[j]);
+    tail_hi = max_keeping_nan(tail_hi, row[j]);
+  }
+}
 
 // One (window, head) pair after another: K^T and V copied (quantized) into zero-padded rows of whole vectors, then
 // per query row the scores (vectors over keys; padded keys get -inf), softmax, quantized P, and P V.
-void attend(const Problem& p, int64_t first, int64_t last) {
+void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
   const int64_t n = p.tokens, d = p.dim;
   const int64_t key_vectors = (n + kLanes - 1) / kLanes, channel_vectors = (d + kLanes - 1) / kLanes;
   const int64_t keys = key_vectors * kLanes, channels = channel_vectors * kLanes;
   std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(d), row(keys), bias_row(keys, -INFINITY);
   std::vector<Floats> scores(key_vectors);
+  Floats lo = splat(INFINITY), hi = splat(-INFINITY);
+  float tail_lo = INFINITY, tail_hi = -INFINITY;
+  int64_t picked = std::lower_bound(p.offsets, p.offsets + p.offset_count, first * n * n) - p.offsets;
   for (int64_t item = first; item < last; ++item) {
     const int64_t b = item / p.heads, h = item % p.heads;
     const float* k = p.k + b * p.ks[0] + h * p.ks[1];
@@ -153,7 +181,13 @@ void attend(const Problem& p, int64_t first, int64_t last) {
       }
       const float inverse = 1.0f / lane_sum(total);
       for (int64_t x = 0; x < key_vectors; ++x) store(&row[x * kLanes], p.quantizers[2](scores[x] * inverse));
-      if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + ((b * p.heads + h) * n + i) * n);
+      const int64_t row_start = (item * n + i) * n;  // item = b * heads + h
+      if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + row_start);
+      if (p.extremes) {
+        update_extremes(row.data(), n, lo, hi, tail_lo, tail_hi);
+        for (; picked < p.offset_count && p.offsets[picked] < row_start + n; ++picked)
+          p.sample[picked] = row[p.offsets[picked] - row_start];
+      }
       float* out_row = out + i * p.heads * d;
       for (int64_t x = 0; x < channel_vectors; ++x) {  // P V, 16 channels at a time, four independent sums
         const float* v_x = &v_rows[x * kLanes];
@@ -165,6 +199,14 @@ void attend(const Problem& p, int64_t first, int64_t last) {
       }
     }
   }
+  if (p.extremes) {
+    for (int64_t lane = 0; lane < kLanes; ++lane) {
+      tail_lo = min_keeping_nan(tail_lo, lo[lane]);
+      tail_hi = max_keeping_nan(tail_hi, hi[lane]);
+    }
+    p.extremes[2 * worker] = tail_lo;
+    p.extremes[2 * worker + 1] = tail_hi;
+  }
 }
 
 void quantize_range(const float* x, float* out, int64_t first, int64_t last, Quantizer quantizer) {
@@ -175,14 +217,15 @@ void quantize_range(const float* x, float* out, int64_t first, int64_t last, Qua
 }
 
 // Runs work(worker, first, last) over [0, count) split between up to ``threads`` workers (0, 1, ...; at least
-// ``grain`` items each).
+// ``grain`` items each); returns how many workers ran.
 template <typename Work>
-void split(int64_t count, int threads, int64_t grain, Work work) {
+int64_t split(int64_t count, int threads, int64_t grain, Work work) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count / grain));
   std::vector<std::thread> pool;
   for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w, count * w / workers, count * (w + 1) / workers);
   work(0, 0, count / workers);
   for (auto& thread : pool) thread.join();
+  return workers;
 }
 
 // Eq. 1 over [first, last) writing x_q and r - c_hat (the residual Eq. 2 needs).
@@ -256,11 +299,15 @@ extern "C" int fake_quantize(const float* x, float* out, int64_t count, float lo
 extern "C" int window_attention(const float* q, const float* k, const float* v, const int64_t* strides,
                                 const float* bias, int64_t bias_windows, float* out, int64_t batch, int64_t heads,
                                 int64_t tokens, int64_t dim, float scale, const float* quantizers,
-                                float* probabilities, int threads) {
+                                float* probabilities, const int64_t* offsets, int64_t offset_count, float* sample,
+                                float* extremes, int threads) {
   // strides: 12 element strides, (batch, head, token, channel) of q, k, v in turn. quantizers: nullptr, or 16
   // floats (on, lower, step, levels) for Q, K, softmax output, V. probabilities: nullptr, or where to write the
-  // (quantized) softmax output. Returns 0.
-  Problem p{q, k, v, bias, {}, {}, {}, bias_windows, batch, heads, tokens, dim, scale, {}, out, probabilities};
+  // (quantized) softmax output. extremes: nullptr, or where its min and max go; then sample gets its elements at the
+  // offset_count sorted flat positions ``offsets``. Returns 0.
+  std::vector<float> worker_extremes(2 * std::max(threads, 1));
+  Problem p{q, k, v, bias, {}, {}, {}, bias_windows, batch, heads, tokens, dim, scale, {}, out, probabilities,
+            offsets, offset_count, sample, extremes ? worker_extremes.data() : nullptr};
   std::copy(strides, strides + 4, p.qs);
   std::copy(strides + 4, strides + 8, p.ks);
   std::copy(strides + 8, strides + 12, p.vs);
@@ -268,6 +315,16 @@ extern "C" int window_attention(const float* q, const float* k, const float* v, 
     p.quantizers[t] = quantizers ? Quantizer{quantizers[4 * t] != 0.0f, quantizers[4 * t + 1],
                                              quantizers[4 * t + 2], quantizers[4 * t + 3]}
                                  : Quantizer{false, 0.0f, 1.0f, 1.0f};
-  split(batch * heads, threads, 1, [&](int64_t, int64_t first, int64_t last) { attend(p, first, last); });
+  const int64_t workers = split(batch * heads, threads, 1, [&](int64_t worker, int64_t first, int64_t last) {
+    attend(p, worker, first, last);
+  });
+  if (extremes) {
+    extremes[0] = INFINITY;
+    extremes[1] = -INFINITY;
+    for (int64_t w = 0; w < workers; ++w) {
+      extremes[0] = min_keeping_nan(extremes[0], worker_extremes[2 * w]);
+      extremes[1] = max_keeping_nan(extremes[1], worker_extremes[2 * w + 1]);
+    }
+  }
   return 0;
 }

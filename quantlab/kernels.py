@@ -77,7 +77,7 @@ def library() -> ctypes.CDLL | None:
     lib.fake_quantize_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [
         ctypes.c_void_p, ctypes.c_int]
     lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
 
@@ -151,12 +151,16 @@ def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      quantizers: tuple[QuantizerSpec, QuantizerSpec, QuantizerSpec, QuantizerSpec] | None = None,
-                     probabilities: torch.Tensor | None = None) -> torch.Tensor:
+                     probabilities: torch.Tensor | None = None,
+                     summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(Q K^T ``scale`` + bias) V. q, k, v: (B * W, heads, N, d), any strides (e.g. views of the qkv
     projection); bias: (W, heads, N, N), W windows per image (or 1 for all). ``quantizers``: the specs of Q (after
     the scale), K, the softmax output and V, as :meth:`WindowAttention.explicit_attention` quantizes them through
     its matmuls; ``probabilities``: a contiguous (B * W, heads, N, N) tensor to receive the (quantized) softmax
-    output (for an observer), or None (no attention map in memory). Returns (B * W, heads, N, d): a view of a
+    output (for an observer), or None (no attention map in memory); ``summary``: (offsets, values, extremes) for an
+    observer that needs only that output's min and max, written to ``extremes`` (2 floats), and its elements at the
+    sorted flat positions ``offsets`` (int64, as :func:`torch.Tensor.flatten` numbers them), written to ``values``
+    (one float each), without the map in memory. Returns (B * W, heads, N, d): a view of a
     (B * W, N, heads, d) tensor, so that the tokens' layout the projection wants (``.transpose(1, 2).reshape(B * W,
     N, heads * d)``) is free. Within ~1e-6 of the explicit attention (another summation order and exp)."""
     if not all(map(runs_on, (q, k, v, bias))) or torch.is_grad_enabled() and q.requires_grad:
@@ -168,6 +172,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if probabilities is not None and not (probabilities.shape == (windows, heads, tokens, tokens)
                                           and probabilities.is_contiguous() and runs_on(probabilities)):
         raise ValueError(f"probabilities must be a contiguous float32 CPU tensor {(windows, heads, tokens, tokens)}")
+    offsets, values, extremes = summary or (torch.empty(0, dtype=torch.int64), None, None)
+    if summary is not None and not (
+            offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.is_contiguous() and offsets.device.type == "cpu"
+            and values.shape == offsets.shape and extremes.shape == (2,) and all(map(runs_on, (values, extremes)))
+            and values.is_contiguous() and extremes.is_contiguous()
+            and (len(offsets) == 0 or 0 <= offsets[0] and offsets[-1] < windows * heads * tokens * tokens
+                 and bool((offsets[1:] >= offsets[:-1]).all()))):
+        raise ValueError("summary must be (offsets, values, extremes): sorted int64 flat positions in the softmax "
+                         "output, a float32 CPU tensor of their length and one of 2 floats, all contiguous")
     bias = bias.contiguous()
     out = q.new_empty(windows, tokens, heads, dim)
     strides = torch.tensor([*q.stride(), *k.stride(), *v.stride()], dtype=torch.int64)
@@ -177,5 +190,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     library().window_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), bias.data_ptr(),
                                bias.shape[0], out.data_ptr(), windows, heads, tokens, dim, scale,
                                None if specs is None else specs.data_ptr(),
-                               None if probabilities is None else probabilities.data_ptr(), torch.get_num_threads())
+                               None if probabilities is None else probabilities.data_ptr(), offsets.data_ptr(),
+                               len(offsets), None if values is None else values.data_ptr(),
+                               None if extremes is None else extremes.data_ptr(), torch.get_num_threads())
     return out.transpose(1, 2)

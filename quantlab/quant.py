@@ -17,6 +17,7 @@ LayerNorm, softmax, biases and residuals stay in floating point.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -156,6 +157,20 @@ def integer_levels(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bi
     return clip_scaled(x, lower, upper, 2 ** check_bits(bits) - 1)[0].round_()
 
 
+@dataclass(frozen=True)
+class TensorSample:
+    """What an observer that asks for samples (:attr:`FakeQuantizer.sample_offsets`) may get in place of a tensor
+    a kernel did not write out (the 50M-element softmax output of a calibration batch): its shape, its exact min
+    and max (0-d) and its elements at the sorted flat positions the observer asked for (1-D)."""
+    shape: torch.Size
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+    values: torch.Tensor
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 class FakeQuantizer(nn.Module):
     """Learnable (l, u) of one tensor: per tensor (shape (1,)) or per output channel ((C, 1)).
 
@@ -170,7 +185,10 @@ class FakeQuantizer(nn.Module):
         self.lower = nn.Parameter(torch.full(shape, -1.0))
         self.upper = nn.Parameter(torch.full(shape, 1.0))
         self.mode = "quantize"
-        self.observer: Callable[[FakeQuantizer, torch.Tensor], None] | None = None
+        self.observer: Callable[[FakeQuantizer, torch.Tensor | TensorSample], None] | None = None
+        # Set beside ``observer`` by a calibration that needs of a tensor of some shape only its min, max and the
+        # elements at these sorted flat positions (None: the whole tensor); a kernel may then give it a TensorSample.
+        self.sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -375,7 +393,7 @@ class QuantWindowAttention(WindowAttention):
         tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
         switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of
         :meth:`chunked_attention` (Q scaled, K^T, the softmax output, which the kernel writes only for an observer,
-        and V). Else :meth:`chunked_attention`, in
+        or only samples for one that asks so (:class:`TensorSample`), and V). Else :meth:`chunked_attention`, in
         runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`), else in one run. Training
         runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
@@ -384,11 +402,16 @@ class QuantWindowAttention(WindowAttention):
         if not (kernels.runs_on(q) and all(op.runs_plain() and not op.per_channel for op in operands)):
             whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
             return self.chunked_attention(q, k, v, bias, whole)
-        observed = operands[2].mode == "observe"
-        probabilities = q.new_empty(*q.shape[:-1], q.shape[-2]) if observed else None
+        shape = torch.Size((*q.shape[:-1], q.shape[-2]))
+        sampler = operands[2].sample_offsets if operands[2].mode == "observe" else None
+        offsets = sampler(shape) if sampler else None
+        probabilities = q.new_empty(shape) if operands[2].mode == "observe" and offsets is None else None
+        summary = None if offsets is None else (offsets, q.new_empty(len(offsets)), q.new_empty(2))
         out = kernels.window_attention(q, k, v, bias, self.scale, tuple(op.kernel_spec() for op in operands),
-                                       probabilities)
-        tensors = (lambda: q * self.scale, lambda: k.transpose(-2, -1), lambda: probabilities, lambda: v)
+                                       probabilities, summary)
+        attention_map = (lambda: probabilities) if summary is None else (
+            lambda: TensorSample(shape, summary[2][0], summary[2][1], summary[1]))
+        tensors = (lambda: q * self.scale, lambda: k.transpose(-2, -1), attention_map, lambda: v)
         for op, tensor in zip(operands, tensors):
             if op.mode == "observe":
                 op(tensor())

@@ -4,10 +4,10 @@ import warnings
 import pytest
 import torch
 
-from quantlab import kernels, quant, swinir
+from quantlab import calibrate, kernels, quant, swinir
 from quantlab.quant import QuantConfig, QuantWindowAttention, quantizers
 from quantlab.kernels import KERNELS_ENV
-from quantlab.swinir import ATTENTION_ENV, WindowAttention, shifted_window_mask
+from quantlab.swinir import ATTENTION_ENV, SwinIR, SwinIRConfig, WindowAttention, shifted_window_mask
 
 
 def qkv_views(windows: int, heads: int, tokens: int, dim: int, seed: int = 0):
@@ -265,3 +265,47 @@ def test_a_nan_input_gives_nan_outputs_as_in_pytorch():
     x[[3, 500]] = float("nan")
     lower, upper = torch.tensor(-1.0), torch.tensor(0.5)
     assert torch.equal(kernels.fake_quantize(x, *quant._lower_and_step(lower, upper, 15), 15).isnan(), x.isnan())
+
+
+@pytest.mark.parametrize("threads, tokens", [(1, 64), (2, 64), (2, 49)])
+def test_kernel_samples_the_softmax_output_it_writes(threads, tokens):
+    """The summary path gives the exact min and max of the softmax output and its elements at the given sorted
+    positions (repeats too), equal to the map the kernel writes, whatever the thread count and for rows of whole
+    vectors (64 keys) and not (49); a NaN sticks."""
+    q, k, v = qkv_views(12, 6, tokens, 10)
+    bias = torch.randn(4, 6, tokens, tokens)
+    probabilities = torch.empty(12, 6, tokens, tokens)
+    offsets = torch.randint(probabilities.numel(), (5000,), generator=torch.Generator().manual_seed(1)).sort().values
+    offsets[1] = offsets[0]
+    values, extremes = torch.empty(5000), torch.empty(2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        kernels.window_attention(q, k, v, bias, 0.3, None, probabilities, (offsets, values, extremes))
+        assert torch.equal(values, probabilities.flatten()[offsets])
+        assert torch.equal(extremes, torch.stack(torch.aminmax(probabilities)))
+        q = q.clone()
+        q[7, 2, 5, 0] = float("nan")
+        kernels.window_attention(q, k, v, bias, 0.3, None, None, (offsets, values, extremes))
+        assert extremes.isnan().all()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="sorted int64 flat positions"):
+        kernels.window_attention(q, k, v, bias, 0.3, None, None, (offsets.flip(0), values, extremes))
+
+
+def test_dobi_from_the_kernels_samples_equals_dobi_on_the_written_maps(monkeypatch):
+    """DOBI's sampled search reads the softmax outputs' min, max and sample from the kernel (no map in memory):
+    the bounds are bit-identical to DOBI on the maps written out, and the kernel's summaries were used."""
+    model, patches = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)).eval(), torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    summaries = []
+    kernel = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *args: summaries.append(args[-1]) or kernel(*args))
+    sampled = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
+    assert len(summaries) == len(model.layers) * len(model.layers[0].blocks) and all(s is not None for s in summaries)
+    monkeypatch.setattr(calibrate, "sample_offsets", lambda shape, sample: None)
+    summaries.clear()
+    written = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
+    assert summaries and all(s is None for s in summaries)
+    for (name, a), (_, b) in zip(quantizers(sampled), quantizers(written)):
+        assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
