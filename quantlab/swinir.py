@@ -9,11 +9,13 @@ modules of the same names, so this file knows nothing of quantization. Module na
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +160,8 @@ def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> 
     them all on these very inputs (a second round when close) and keeps the choice, in this process and in
     :data:`ATTENTION_CHOICES` of the cache dir for every later process on this machine (CPU model, torch version,
     thread count): the paths differ by ~1e-6, which calibration and distillation amplify, so a timing must not
-    decide twice. Delete that file to measure again. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
+    decide twice. Processes meeting a new key at once (a Dask grid's workers) take turns on a file lock: the first
+    measures, the others read its choice. Delete that file to measure again. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
     pins the path; a pinned path that is not among ``paths`` (the kernel without a compiler) leaves the choice to
     the measurement."""
     pinned = os.environ.get(ATTENTION_ENV, "auto")
@@ -166,23 +169,25 @@ def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> 
         return paths[pinned]()
     if pinned != "auto" and pinned not in ATTENTION_PATHS:
         raise ValueError(f"{ATTENTION_ENV} must be 'auto' or one of {ATTENTION_PATHS}, got {pinned!r}")
-    if key not in _chosen_paths:
-        remembered = _remembered_paths().get(_machine_key(key))
-        if remembered is not None:
-            _chosen_paths[key] = remembered
-    if _chosen_paths.get(key) in paths:  # else not chosen yet, or the choice is gone (the kernels switched off)
+    if _chosen_paths.get(key) in paths:
         return paths[_chosen_paths[key]]()
-    seconds, outputs = dict.fromkeys(paths, 0.0), {}
-    for _ in range(2):
-        for name, run in paths.items():
-            start = time.perf_counter()
-            outputs[name] = run()
-            seconds[name] += time.perf_counter() - start
-        if max(seconds.values()) > CLOSE_RACE * min(seconds.values()):
-            break
-    _chosen_paths[key] = min(seconds, key=seconds.get)
-    _remember_path(_machine_key(key), _chosen_paths[key])
-    return outputs[_chosen_paths[key]]
+    with _choices_lock():  # not chosen in this process yet, or the choice is gone (the kernels switched off)
+        remembered = _remembered_paths().get(_machine_key(key))
+        if remembered in paths:
+            _chosen_paths[key] = remembered
+            return paths[remembered]()
+        seconds, outputs = dict.fromkeys(paths, 0.0), {}
+        for _ in range(2):
+            for name, run in paths.items():
+                start = time.perf_counter()
+                outputs[name] = run()
+                seconds[name] += time.perf_counter() - start
+            if max(seconds.values()) > CLOSE_RACE * min(seconds.values()):
+                break
+        _chosen_paths[key] = min(seconds, key=seconds.get)
+        if remembered is None:  # a stored path that cannot run here (the kernel, switched off) stays stored
+            _remember_path(_machine_key(key), _chosen_paths[key])
+        return outputs[_chosen_paths[key]]
 
 
 def _machine_key(key: tuple) -> str:
@@ -195,6 +200,21 @@ def _choices_file() -> Path:
     return cache_dir() / ATTENTION_CHOICES
 
 
+@contextmanager
+def _choices_lock() -> Iterator[None]:
+    """An exclusive lock on this machine's stored choices (a lock file beside them), for measuring and storing;
+    no lock where the file cannot be made (the choices are then only a speed hint, as before)."""
+    try:
+        _choices_file().parent.mkdir(parents=True, exist_ok=True)
+        file = _choices_file().with_suffix(".lock").open("a")
+    except OSError:
+        yield
+        return
+    with file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def _remembered_paths() -> dict[str, str]:
     """The choices stored on this machine ({} when none or unreadable: they are only a speed hint)."""
     try:
@@ -204,10 +224,8 @@ def _remembered_paths() -> dict[str, str]:
 
 
 def _remember_path(machine_key: str, path: str) -> None:
-    """Store a choice unless another process stored one for this key first (then that one holds next time)."""
+    """Add a choice to the stored ones (under :func:`_choices_lock`)."""
     choices = _remembered_paths()
-    if machine_key in choices:
-        return
     choices[machine_key] = path
     try:
         with atomic_path(_choices_file()) as tmp:

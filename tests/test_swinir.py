@@ -8,6 +8,9 @@ the cyclic shift, the mask, the bias indexing, padding and cropping together.
 """
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -228,6 +231,45 @@ def test_a_later_process_on_the_machine_keeps_the_stored_choice(monkeypatch, tmp
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads((tmp_path / swinir.ATTENTION_CHOICES).read_text())) == 2
+
+
+MEASURING_PROCESS = """
+import pathlib, sys, time, torch
+from quantlab import swinir
+torch.set_num_threads(1)
+def slow():
+    pathlib.Path(sys.argv[1]).touch()  # inside the lock: the test's process may start now
+    time.sleep(1.5)
+    return torch.tensor(1.0)
+swinir.attention_path(("k",), {"a": slow, "b": lambda: torch.tensor(0.0)})
+"""
+
+
+def test_a_process_meeting_a_key_being_measured_waits_and_takes_that_choice(monkeypatch, tmp_path):
+    """Two processes meeting a new key at once: the second waits on the lock while the first times the paths,
+    then runs the first's choice ("b") without timing, though by its own timing "a" would win."""
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    ready = tmp_path / "measuring"
+    other = subprocess.Popen([sys.executable, "-c", MEASURING_PROCESS, str(ready)], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and other.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready.exists(), "the measuring process did not start"
+        calls = []
+        paths = {"a": lambda: calls.append("a") or torch.tensor(1.0),
+                 "b": lambda: calls.append("b") or time.sleep(0.05) or torch.tensor(0.0)}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert swinir.attention_path(("k",), paths).item() == 0.0
+        finally:
+            torch.set_num_threads(threads)
+        assert calls == ["b"]
+    finally:
+        assert other.wait(timeout=60) == 0
 
 
 def test_oracle_detects_a_wrong_shift(official_checkpoint):
