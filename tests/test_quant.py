@@ -349,6 +349,20 @@ def test_sampled_values_of_a_strided_view_are_those_of_its_flat_copy(layout):
     assert dobi_search(x, 3, sample=500, bins=64) == dobi_search(x.contiguous(), 3, sample=500, bins=64)
 
 
+@pytest.mark.parametrize("view", ["q", "k_t", "v", "scaled q", "transposed", "expanded", "size-1 dims", "0-d"])
+def test_the_swept_view_holds_the_same_elements(view):
+    """swept_view (for min/max in one memory sweep) keeps every element of each layout the calibration meets (views
+    of the qkv projection, Q scaled in its own layout) and of odd ones, and gives the same min and max."""
+    qkv = torch.randn(8, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    x = {"q": q, "k_t": k.transpose(-2, -1), "v": v, "scaled q": q * 0.3, "transposed": qkv[0, 0].mT,
+         "expanded": qkv[0, 0, 0, :1].expand(4, 10), "size-1 dims": qkv[:1, :, :1], "0-d": qkv[1, 2, 0, 3, 4]}[view]
+    swept = calibrate.swept_view(x)
+    assert swept.data_ptr() == x.data_ptr() and swept.numel() == x.numel()
+    assert torch.equal(swept.reshape(-1).sort().values, x.reshape(-1).sort().values)
+    assert calibrate.minmax_bounds(x) == (x.min(), x.max())
+
+
 def test_dobi_first_candidate_is_minmax_and_grid_shrinks_around_midrange():
     lower, upper = dobi_candidates(torch.tensor(-1.0), torch.tensor(3.0), True, 100)
     assert (lower[0].item(), upper[0].item()) == (-1.0, 3.0)
