@@ -174,7 +174,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         raise ValueError(f"probabilities must be a contiguous float32 CPU tensor {(windows, heads, tokens, tokens)}")
     offsets, values, extremes = summary or (torch.empty(0, dtype=torch.int64), None, None)
     if summary is not None and not (
-            offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.is_contiguous() and offsets.device.type == "cpu"
+            offsets.dtype == torch.int64 and offsets.dim() == 1 and offsets.is_contiguous()
+            and offsets.device.type == "cpu"
             and values.shape == offsets.shape and extremes.shape == (2,) and all(map(runs_on, (values, extremes)))
             and values.is_contiguous() and extremes.is_contiguous()
             and (len(offsets) == 0 or 0 <= offsets[0] and offsets[-1] < windows * heads * tokens * tokens

@@ -156,14 +156,14 @@ _chosen_paths: dict[tuple, str] = {}
 def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
     """The output of the fastest of ``paths`` (name -> run) for inputs described by ``key``. Which one is
     fastest depends on the CPU and the shape (PyTorch's fused kernel is 2-3x faster than the explicit one on Intel
-    Xeons; on AMD EPYCs quantlab's kernel is ~3x faster than the explicit one), so the first call per key on a machine times
-    them all on these very inputs (a second round when close) and keeps the choice, in this process and in
+    Xeons; on AMD EPYCs quantlab's kernel is ~3x faster than the explicit one), so the first call per key on a
+    machine times them all on these very inputs (a second round when close) and keeps the choice, in this process and in
     :data:`ATTENTION_CHOICES` of the cache dir for every later process on this machine (CPU model, torch version,
     thread count): the paths differ by ~1e-6, which calibration and distillation amplify, so a timing must not
     decide twice. Processes meeting a new key at once (a Dask grid's workers) take turns on a file lock: the first
-    measures, the others read its choice. Delete that file to measure again. ``QUANTLAB_ATTENTION`` set to one of :data:`ATTENTION_PATHS`
-    pins the path; a pinned path that is not among ``paths`` (the kernel without a compiler) leaves the choice to
-    the measurement."""
+    measures, the others read its choice. Delete that file to measure again. ``QUANTLAB_ATTENTION`` set to one of
+    :data:`ATTENTION_PATHS` pins the path; a pinned path that is not among ``paths`` (the kernel without a compiler)
+    leaves the choice to the measurement."""
     pinned = os.environ.get(ATTENTION_ENV, "auto")
     if pinned in paths:
         return paths[pinned]()

@@ -297,7 +297,8 @@ def test_kernel_samples_the_softmax_output_it_writes(threads, tokens):
 def test_dobi_from_the_kernels_samples_equals_dobi_on_the_written_maps(monkeypatch):
     """DOBI's sampled search reads the softmax outputs' min, max and sample from the kernel (no map in memory):
     the bounds are bit-identical to DOBI on the maps written out, and the kernel's summaries were used."""
-    model, patches = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)).eval(), torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)).eval()
+    patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     summaries = []
     kernel = kernels.window_attention
     monkeypatch.setattr(kernels, "window_attention", lambda *args: summaries.append(args[-1]) or kernel(*args))
