@@ -173,22 +173,30 @@ def test_attention_bias_is_contiguous_with_and_without_mask():
     assert torch.equal(attn.attention_bias(n, mask), mask[:, None] + expected)
 
 
-def test_attention_path_is_measured_once_per_key(monkeypatch, tmp_path):
-    """The first call for a key runs every path (timed) and returns the faster one's output; later calls
-    run only that path; a pinned path runs alone; a wrong pin names the variable and the choices."""
+@pytest.fixture
+def timed_paths(monkeypatch, tmp_path):
+    """A machine that has measured nothing (its own cache dir, no pinned path, no choices in this process):
+    (calls, path), where ``path(name, seconds, value)`` is a path that records its name in ``calls``, takes
+    ``seconds`` and returns ``value``."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
     monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
     monkeypatch.setattr(swinir, "_chosen_paths", {})
     calls = []
 
-    def path(name: str, seconds: float):
+    def path(name: str, seconds: float, value: float):
         def run():
             calls.append(name)
             time.sleep(seconds)
-            return torch.tensor(float(len(name)))
+            return torch.tensor(float(value))
         return run
+    return calls, path
 
-    paths = {"slow": path("slow", 0.05), "quick": path("quick", 0.0)}
+
+def test_attention_path_is_measured_once_per_key(monkeypatch, timed_paths):
+    """The first call for a key runs every path (timed) and returns the faster one's output; later calls
+    run only that path; a pinned path runs alone; a wrong pin names the variable and the choices."""
+    calls, path = timed_paths
+    paths = {"slow": path("slow", 0.05, len("slow")), "quick": path("quick", 0.0, len("quick"))}
     assert swinir.attention_path(("k",), paths).item() == len("quick")
     assert calls == ["slow", "quick"]  # one round: the slower took far more than CLOSE_RACE times as long
     assert swinir.attention_path(("k",), paths).item() == len("quick") and calls[2:] == ["quick"]
@@ -200,26 +208,15 @@ def test_attention_path_is_measured_once_per_key(monkeypatch, tmp_path):
         swinir.attention_path(("k",), paths)
 
 
-def test_a_later_process_on_the_machine_keeps_the_stored_choice(monkeypatch, tmp_path):
+def test_a_later_process_on_the_machine_keeps_the_stored_choice(monkeypatch, tmp_path, timed_paths):
     """The choice goes to the cache dir; a process that has not measured (its choices empty) runs the
     stored path without timing, even when another would now win; another thread count measures anew."""
-    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
-    monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
-    monkeypatch.setattr(swinir, "_chosen_paths", {})
-    calls = []
-
-    def path(name: str, seconds: float):
-        def run():
-            calls.append(name)
-            time.sleep(seconds)
-            return torch.tensor(seconds)
-        return run
-
-    assert swinir.attention_path(("k",), {"a": path("a", 0.05), "b": path("b", 0.0)}).item() == 0.0
+    calls, path = timed_paths
+    assert swinir.attention_path(("k",), {"a": path("a", 0.05, 0.05), "b": path("b", 0.0, 0.0)}).item() == 0.0
     stored = json.loads((tmp_path / swinir.ATTENTION_CHOICES).read_text())
     assert list(stored.values()) == ["b"]
     monkeypatch.setattr(swinir, "_chosen_paths", {})
-    paths = {"a": path("a", 0.0), "b": path("b", 0.05)}  # "b" is now the slow one
+    paths = {"a": path("a", 0.0, 0.0), "b": path("b", 0.05, 0.05)}  # "b" is now the slow one
     calls.clear()
     assert swinir.attention_path(("k",), paths).item() > 0 and calls == ["b"]
     threads = torch.get_num_threads()
@@ -245,12 +242,10 @@ swinir.attention_path(("k",), {"a": slow, "b": lambda: torch.tensor(0.0)})
 """
 
 
-def test_a_process_meeting_a_key_being_measured_waits_and_takes_that_choice(monkeypatch, tmp_path):
+def test_a_process_meeting_a_key_being_measured_waits_and_takes_that_choice(tmp_path, timed_paths):
     """Two processes meeting a new key at once: the second waits on the lock while the first times the paths,
     then runs the first's choice ("b") without timing, though by its own timing "a" would win."""
-    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
-    monkeypatch.delenv(swinir.ATTENTION_ENV, raising=False)
-    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    calls, path = timed_paths
     ready = tmp_path / "measuring"
     other = subprocess.Popen([sys.executable, "-c", MEASURING_PROCESS, str(ready)], env=os.environ.copy())
     try:
@@ -258,9 +253,7 @@ def test_a_process_meeting_a_key_being_measured_waits_and_takes_that_choice(monk
         while not ready.exists() and other.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ready.exists(), "the measuring process did not start"
-        calls = []
-        paths = {"a": lambda: calls.append("a") or torch.tensor(1.0),
-                 "b": lambda: calls.append("b") or time.sleep(0.05) or torch.tensor(0.0)}
+        paths = {"a": path("a", 0.0, 1.0), "b": path("b", 0.05, 0.0)}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
