@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from . import kernels
 from .quant import (ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, TensorSample, check_bits, clip_scaled, quantizers,
                     repaired_upper, set_mode)
 
@@ -111,20 +112,34 @@ def sample_values(x: torch.Tensor, sample: int) -> torch.Tensor:
     return memory.index_select(0, _sample_offsets(x.shape, x.stride(), sample, x.device))
 
 
+def summarize(x: torch.Tensor, sample: int) -> TensorSample:
+    """``x``'s exact min and max and its elements of :func:`sample_values`, in one sweep of memory by quantlab's
+    kernel (:func:`quantlab.kernels.summarize`) where it runs, else :func:`torch.aminmax` and :func:`sample_values`
+    (the same values)."""
+    swept = swept_view(x)
+    if kernels.runs_on(x) and kernels.sweeps_in_order(swept) and x.numel() > sample:
+        ordered = memory_order(x)
+        offsets = _sample_offsets(tuple(ordered.shape), tuple(ordered.stride()), sample, x.device)
+        [(values, extremes)] = kernels.summarize(swept, [offsets])
+        return TensorSample(x.shape, extremes[0], extremes[1], values)
+    lo, hi = torch.aminmax(swept)
+    return TensorSample(x.shape, lo, hi, sample_values(x, sample))
+
+
 def seeded_positions(n: int, size: int) -> torch.Tensor:
     """``size`` positions in [0, n), uniform with replacement, from a CPU generator seeded 0: the same
     picks on every device (a CUDA generator draws another sequence)."""
     return torch.randint(n, (size,), generator=torch.Generator().manual_seed(0), device="cpu")
 
 
-def sample_offsets(shape: torch.Size, sample: int) -> torch.Tensor | None:
-    """The sorted flat positions (int64, CPU) that :func:`sample_values` reads of a contiguous tensor of ``shape``,
-    or None when it has at most ``sample`` elements (all are used): an observer's
-    :attr:`~quantlab.quant.FakeQuantizer.sample_offsets` for DOBI's sampled search."""
-    if math.prod(shape) <= sample:
+def sample_offsets(x: torch.Tensor, sample: int) -> torch.Tensor | None:
+    """The sorted memory offsets (int64, CPU; in elements from ``x``'s first one) that :func:`sample_values` reads
+    of ``x`` (only its layout is used: it may be a meta tensor), or None when it has at most ``sample`` elements
+    (all are used): an observer's :attr:`~quantlab.quant.FakeQuantizer.sample_offsets` for DOBI's sampled search."""
+    if x.numel() <= sample:
         return None
-    strides = tuple(math.prod(shape[dim + 1:]) for dim in range(len(shape)))
-    return _sample_offsets(tuple(shape), strides, sample, torch.device("cpu"))
+    x = memory_order(x)
+    return _sample_offsets(tuple(x.shape), tuple(x.stride()), sample, torch.device("cpu"))
 
 
 @functools.lru_cache(maxsize=32)
@@ -162,6 +177,8 @@ def dobi_search(x: torch.Tensor | TensorSample, bits: int, symmetric: bool = Tru
     """
     check_bits(bits)
     _check_dobi_input(x, num_points)
+    if not isinstance(x, TensorSample) and sample and x.numel() > sample:
+        x = summarize(x.detach(), sample)
     summarized = isinstance(x, TensorSample)
     x = x if summarized else x.detach()
     lo, hi = (x.minimum, x.maximum) if summarized else torch.aminmax(swept_view(x))
@@ -172,12 +189,10 @@ def dobi_search(x: torch.Tensor | TensorSample, bits: int, symmetric: bool = Tru
     if hi == lo or not torch.isfinite(hi - lo):
         return lo, hi
     lower, upper = dobi_candidates(lo, hi, symmetric, num_points, grid)
-    if summarized:
-        values = x.values.float()
-    else:
-        values = (sample_values(x, sample) if sample and x.numel() > sample else flat_values(x)).float()
+    values = (x.values if summarized else flat_values(x)).float()
     if bins:
-        counts = torch.histc(values, bins, lo.item(), hi.item())
+        histc = kernels.histogram if kernels.runs_on(values) and values.is_contiguous() else torch.histc
+        counts = histc(values, bins, lo.item(), hi.item())
         centres = lo + (torch.arange(bins, device=values.device) + 0.5) * (hi - lo) / bins
         errors = quantization_error(centres, lower, upper, bits, counts)
     else:
@@ -258,7 +273,7 @@ def check_patches(patches: torch.Tensor) -> None:
 @torch.no_grad()
 def stream(qmodel: nn.Module, patches: torch.Tensor,
            observe: Callable[[FakeQuantizer, torch.Tensor | TensorSample], None],
-           sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None) -> None:
+           sample_offsets: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> None:
     """One FP pass of ``patches`` (N, 3, h, w) with every quantizer in observe mode:
     ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
     (q/k/v input quantizers get the same tensor object); nothing else is kept. With ``sample_offsets``
@@ -293,7 +308,7 @@ def sequential(qmodel: nn.Module, patches: torch.Tensor, modules: list[nn.Module
 
 
 def calibrate_streaming(qmodel: nn.Module, patches: torch.Tensor, fit: Fit,
-                        sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None) -> nn.Module:
+                        sample_offsets: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> nn.Module:
     """One FP pass of ``patches`` (N, 3, h, w) in which every quantizer sets its bounds to
     ``fit(quantizer, tensor)``; quantizers fed the same tensor (q/k/v inputs) share one fit. A ``fit`` that
     takes a :class:`~quantlab.quant.TensorSample` passes the ``sample_offsets`` it reads (see :func:`stream`)."""

@@ -7,6 +7,8 @@
 //   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
 //   and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
 //   given positions.
+// - summarize: a tensor's min, max and elements at given positions in one sweep (DOBI's statistics); histogram:
+//   torch.histc's counts.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -107,18 +109,49 @@ struct Problem {
 inline float min_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::min(a, b); }
 inline float max_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::max(a, b); }
 
-// Min and max of the first n floats of ``row`` folded into the lane-wise lo and hi (whole vectors) and the scalar
-// tail_lo and tail_hi (the rest); a NaN sticks in either.
-inline void update_extremes(const float* row, int64_t n, Floats& lo, Floats& hi, float& tail_lo, float& tail_hi) {
+// Min and max of the first n floats of ``row`` folded into the lane-wise lo and hi (a NaN sticks), all in vectors: the
+// tail is the row's last whole vector (elements seen twice change neither extreme) or, in a row shorter than one,
+// the row padded with row[0].
+inline void update_row_extremes(const float* row, int64_t n, Floats& lo, Floats& hi) {
+  Floats low = lo, high = hi;  // in registers (a store through lo could change row, as far as the compiler knows)
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     const Floats v = load(row + j);
-    lo = minimum(v, lo);
-    hi = maximum(v, hi);
+    low = minimum(v, low);
+    high = maximum(v, high);
   }
-  for (; j < n; ++j) {
-    tail_lo = min_keeping_nan(tail_lo, row[j]);
-    tail_hi = max_keeping_nan(tail_hi, row[j]);
+  if (j < n) {
+    float buffer[kLanes];
+    if (n < kLanes) {
+      std::fill(buffer, buffer + kLanes, row[0]);
+      std::copy(row, row + n, buffer);
+    }
+    const Floats v = n < kLanes ? load(buffer) : load(row + n - kLanes);
+    low = minimum(v, low);
+    high = maximum(v, high);
+  }
+  lo = low;
+  hi = high;
+}
+
+// The lane-wise lo and hi folded into one min and max, written to parts[2 * worker] and the next (a NaN sticks).
+inline void finish_extremes(Floats lo, Floats hi, float* parts, int64_t worker) {
+  float low = INFINITY, high = -INFINITY;
+  for (int64_t lane = 0; lane < kLanes; ++lane) {
+    low = min_keeping_nan(low, lo[lane]);
+    high = max_keeping_nan(high, hi[lane]);
+  }
+  parts[2 * worker] = low;
+  parts[2 * worker + 1] = high;
+}
+
+// The min and max of the workers' parts (2 floats each) into extremes[0] and extremes[1].
+inline void combine_extremes(const std::vector<float>& parts, int64_t workers, float* extremes) {
+  extremes[0] = INFINITY;
+  extremes[1] = -INFINITY;
+  for (int64_t w = 0; w < workers; ++w) {
+    extremes[0] = min_keeping_nan(extremes[0], parts[2 * w]);
+    extremes[1] = max_keeping_nan(extremes[1], parts[2 * w + 1]);
   }
 }
 
@@ -131,7 +164,6 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
   std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(d), row(keys), bias_row(keys, -INFINITY);
   std::vector<Floats> scores(key_vectors);
   Floats lo = splat(INFINITY), hi = splat(-INFINITY);
-  float tail_lo = INFINITY, tail_hi = -INFINITY;
   int64_t picked = std::lower_bound(p.offsets, p.offsets + p.offset_count, first * n * n) - p.offsets;
   for (int64_t item = first; item < last; ++item) {
     const int64_t b = item / p.heads, h = item % p.heads;
@@ -184,7 +216,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
       const int64_t row_start = (item * n + i) * n;  // item = b * heads + h
       if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + row_start);
       if (p.extremes) {
-        update_extremes(row.data(), n, lo, hi, tail_lo, tail_hi);
+        update_row_extremes(row.data(), n, lo, hi);
         for (; picked < p.offset_count && p.offsets[picked] < row_start + n; ++picked)
           p.sample[picked] = row[p.offsets[picked] - row_start];
       }
@@ -199,14 +231,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
       }
     }
   }
-  if (p.extremes) {
-    for (int64_t lane = 0; lane < kLanes; ++lane) {
-      tail_lo = min_keeping_nan(tail_lo, lo[lane]);
-      tail_hi = max_keeping_nan(tail_hi, hi[lane]);
-    }
-    p.extremes[2 * worker] = tail_lo;
-    p.extremes[2 * worker + 1] = tail_hi;
-  }
+  if (p.extremes) finish_extremes(lo, hi, p.extremes, worker);
 }
 
 void quantize_range(const float* x, float* out, int64_t first, int64_t last, Quantizer quantizer) {
@@ -296,6 +321,83 @@ extern "C" int fake_quantize(const float* x, float* out, int64_t count, float lo
   return 0;
 }
 
+extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* strides, int64_t dims, int64_t parts,
+                         const int64_t* const* offsets, const int64_t* counts, float* sample, float* extremes,
+                         int threads) {
+  // x's elements (dims sizes and element strides, the last stride 1, each row of the last dim after the previous
+  // one in memory), each row cut into ``parts`` equal parts (e.g. the q, k and v columns of a qkv projection): for
+  // part p, its min and max into extremes[2p] and extremes[2p + 1] (NaN if it holds one) and its elements at the
+  // counts[p] sorted offsets[p] (in elements from the part's first element) into sample, the parts' samples after
+  // one another; in one sweep of memory. Returns 0.
+  std::vector<int64_t> shape(sizes, sizes + dims), step(strides, strides + dims);
+  const int64_t elements = dims == 1 ? sizes[0] : INT64_MAX;
+  const int64_t part = 1 << 14;
+  if (dims == 1 && parts == 1) shape = {(elements + part - 1) / part, std::min(part, elements)}, step = {part, 1};
+  const int64_t inner = shape.back(), outer = static_cast<int64_t>(shape.size()) - 1, width = inner / parts;
+  int64_t rows = 1;
+  for (int64_t dim = 0; dim < outer; ++dim) rows *= shape[dim];
+  std::vector<int64_t> starts(parts + 1, 0);  // part p's samples are sample[starts[p]:starts[p + 1]]
+  for (int64_t p = 0; p < parts; ++p) starts[p + 1] = starts[p] + counts[p];
+  std::vector<float> worker_extremes(2 * parts * std::max(threads, 1));
+  const int64_t workers = split(rows, threads, std::max<int64_t>(1, (1 << 16) / inner),
+                                [&](int64_t worker, int64_t first, int64_t last) {
+    std::vector<int64_t> index(outer, 0);  // the row's index over the outer dims
+    int64_t base = 0;
+    for (int64_t dim = outer - 1, rest = first; dim >= 0; --dim) {
+      index[dim] = rest % shape[dim];
+      rest /= shape[dim];
+      base += index[dim] * step[dim];
+    }
+    std::vector<Floats> lo(parts, splat(INFINITY)), hi(parts, splat(-INFINITY));
+    std::vector<int64_t> picked(parts);
+    for (int64_t p = 0; p < parts; ++p) picked[p] = std::lower_bound(offsets[p], offsets[p] + counts[p], base) - offsets[p];
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t length = std::min(width, elements - base);  // a 1-D x's last row may be shorter
+      for (int64_t p = 0; p < parts; ++p) {
+        const float* start = x + base + p * width;
+        update_row_extremes(start, length, lo[p], hi[p]);
+        float* part_sample = sample + starts[p];
+        for (int64_t& j = picked[p]; j < counts[p] && offsets[p][j] < base + length; ++j)
+          part_sample[j] = start[offsets[p][j] - base];
+      }
+      for (int64_t dim = outer - 1; dim >= 0; --dim) {  // the next row: an odometer over the outer dims
+        base += step[dim];
+        if (++index[dim] < shape[dim]) break;
+        base -= index[dim] * step[dim];
+        index[dim] = 0;
+      }
+    }
+    for (int64_t p = 0; p < parts; ++p)
+      finish_extremes(lo[p], hi[p], worker_extremes.data() + 2 * parts * worker, p);
+  });
+  for (int64_t p = 0; p < parts; ++p) {
+    std::vector<float> part_extremes(2 * workers);
+    for (int64_t w = 0; w < workers; ++w)
+      std::copy_n(worker_extremes.data() + 2 * (parts * w + p), 2, part_extremes.data() + 2 * w);
+    combine_extremes(part_extremes, workers, extremes + 2 * p);
+  }
+  return 0;
+}
+
+extern "C" int histogram(const float* x, int64_t count, float lower, float upper, int64_t bins, float* counts) {
+  // torch.histc(x, bins, lower, upper) for lower < upper, into counts (bins floats): an element in [lower, upper]
+  // (NaN never) goes to bin (int64)((x - lower) * bins / (upper - lower)) in float arithmetic, the last bin taking
+  // upper; the same counts as PyTorch's CPU kernel. Bins computed 16 at a time (the same IEEE operations per
+  // lane), counted in integers. Returns 0.
+  std::vector<int32_t> tally(bins + 1, 0);  // slot ``bins``: elements outside [lower, upper]
+  const float range = upper - lower, scale = static_cast<float>(bins);
+  for (int64_t i = 0; i < count; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, count - i);
+    const Floats values = load_n(x + i, lanes);
+    const Ints inside = (values >= lower) & (values <= upper);
+    const Ints bin = __builtin_convertvector(inside ? (values - lower) * scale / range : splat(0.0f), Ints);
+    for (int64_t lane = 0; lane < lanes; ++lane)
+      ++tally[!inside[lane] ? bins : bin[lane] == bins ? bins - 1 : bin[lane]];
+  }
+  for (int64_t b = 0; b < bins; ++b) counts[b] = static_cast<float>(tally[b]);
+  return 0;
+}
+
 extern "C" int window_attention(const float* q, const float* k, const float* v, const int64_t* strides,
                                 const float* bias, int64_t bias_windows, float* out, int64_t batch, int64_t heads,
                                 int64_t tokens, int64_t dim, float scale, const float* quantizers,
@@ -318,13 +420,6 @@ extern "C" int window_attention(const float* q, const float* k, const float* v, 
   const int64_t workers = split(batch * heads, threads, 1, [&](int64_t worker, int64_t first, int64_t last) {
     attend(p, worker, first, last);
   });
-  if (extremes) {
-    extremes[0] = INFINITY;
-    extremes[1] = -INFINITY;
-    for (int64_t w = 0; w < workers; ++w) {
-      extremes[0] = min_keeping_nan(extremes[0], worker_extremes[2 * w]);
-      extremes[1] = max_keeping_nan(extremes[1], worker_extremes[2 * w + 1]);
-    }
-  }
+  if (extremes) combine_extremes(worker_extremes, workers, extremes);
   return 0;
 }

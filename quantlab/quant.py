@@ -186,9 +186,9 @@ class FakeQuantizer(nn.Module):
         self.upper = nn.Parameter(torch.full(shape, 1.0))
         self.mode = "quantize"
         self.observer: Callable[[FakeQuantizer, torch.Tensor | TensorSample], None] | None = None
-        # Set beside ``observer`` by a calibration that needs of a tensor of some shape only its min, max and the
-        # elements at these sorted flat positions (None: the whole tensor); a kernel may then give it a TensorSample.
-        self.sample_offsets: Callable[[torch.Size], torch.Tensor | None] | None = None
+        # Set beside ``observer`` by a calibration that needs of a tensor only its min, max and the elements at these
+        # sorted memory offsets of its layout (None: the whole tensor); a kernel may then give it a TensorSample.
+        self.sample_offsets: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -404,18 +404,42 @@ class QuantWindowAttention(WindowAttention):
             return self.chunked_attention(q, k, v, bias, whole)
         shape = torch.Size((*q.shape[:-1], q.shape[-2]))
         sampler = operands[2].sample_offsets if operands[2].mode == "observe" else None
-        offsets = sampler(shape) if sampler else None
+        offsets = sampler(torch.empty(shape, device="meta")) if sampler else None
         probabilities = q.new_empty(shape) if operands[2].mode == "observe" and offsets is None else None
         summary = None if offsets is None else (offsets, q.new_empty(len(offsets)), q.new_empty(2))
         out = kernels.window_attention(q, k, v, bias, self.scale, tuple(op.kernel_spec() for op in operands),
                                        probabilities, summary)
         attention_map = (lambda: probabilities) if summary is None else (
             lambda: TensorSample(shape, summary[2][0], summary[2][1], summary[1]))
-        tensors = (lambda: q * self.scale, lambda: k.transpose(-2, -1), attention_map, lambda: v)
-        for op, tensor in zip(operands, tensors):
+        observed = (lambda: q * self.scale, lambda: k.transpose(-2, -1), attention_map, lambda: v)
+        samples = self.operand_samples(q, k, v, [operands[i] for i in (0, 1, 3)])
+        for op, tensor in zip(operands, observed):
             if op.mode == "observe":
-                op(tensor())
+                op(samples.get(op) or tensor())
         return out
+
+    def operand_samples(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        observers: list[FakeQuantizer]) -> dict[FakeQuantizer, TensorSample]:
+        """For the observers of Q (scaled), K^T and V when all three ask for samples
+        (:attr:`FakeQuantizer.sample_offsets`) and q, k, v are the interleaved parts of one qkv projection's output:
+        their :class:`TensorSample` from one sweep of that output (:func:`quantlab.kernels.summarize`), the values
+        of summarizing Q * scale, K^T and V one by one (Q's min, max and elements scaled after: a positive scale
+        keeps their order; Q * scale's layout orders its dims as q's, so its sorted samples are q's); else {}."""
+        windows, heads, tokens, dim = q.shape
+        width = heads * dim
+        row = (tokens * 3 * width, dim, 3 * width, 1)
+        if not (all(op.mode == "observe" and op.sample_offsets for op in observers) and q.stride() == row
+                and k.stride() == row and v.stride() == row and self.scale > 0
+                and k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == width * q.element_size()):
+            return {}
+        views = (q, k.transpose(-2, -1), v)
+        offsets = [op.sample_offsets(view) for op, view in zip(observers, views)]
+        if any(o is None for o in offsets):
+            return {}
+        parts = kernels.summarize(q.as_strided((windows * tokens, 3 * width), (3 * width, 1)), offsets)
+        scales = (self.scale, 1.0, 1.0)
+        return {op: TensorSample(view.shape, extremes[0] * scale, extremes[1] * scale, values * scale)
+                for op, view, (values, extremes), scale in zip(observers, views, parts, scales)}
 
     def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                           whole: bool = False) -> torch.Tensor:

@@ -295,18 +295,72 @@ def test_kernel_samples_the_softmax_output_it_writes(threads, tokens):
 
 
 def test_dobi_from_the_kernels_samples_equals_dobi_on_the_written_maps(monkeypatch):
-    """DOBI's sampled search reads the softmax outputs' min, max and sample from the kernel (no map in memory):
-    the bounds are bit-identical to DOBI on the maps written out, and the kernel's summaries were used."""
+    """DOBI's sampled search reads the softmax outputs' min, max and sample from the kernel (no map in memory), and
+    those of Q (scaled), K^T and V from one sweep of the qkv output: the bounds are bit-identical to DOBI on the
+    maps written out and on Q * scale, K^T and V summarized one by one, and the summaries were used."""
     model = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)).eval()
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    summaries = []
-    kernel = kernels.window_attention
+    summaries, sweeps = [], []
+    kernel, summarize = kernels.window_attention, kernels.summarize
     monkeypatch.setattr(kernels, "window_attention", lambda *args: summaries.append(args[-1]) or kernel(*args))
+    monkeypatch.setattr(kernels, "summarize", lambda x, offsets: sweeps.append(len(offsets)) or summarize(x, offsets))
     sampled = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
-    assert len(summaries) == len(model.layers) * len(model.layers[0].blocks) and all(s is not None for s in summaries)
-    monkeypatch.setattr(calibrate, "sample_offsets", lambda shape, sample: None)
+    blocks = len(model.layers) * len(model.layers[0].blocks)
+    assert len(summaries) == blocks and all(s is not None for s in summaries) and sweeps.count(3) == blocks
+    monkeypatch.setattr(calibrate, "sample_offsets", lambda x, sample: None)
     summaries.clear()
+    sweeps.clear()
     written = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
-    assert summaries and all(s is None for s in summaries)
+    assert summaries and all(s is None for s in summaries) and 3 not in sweeps
     for (name, a), (_, b) in zip(quantizers(sampled), quantizers(written)):
         assert torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper), name
+
+
+@pytest.mark.parametrize("layout", ["contiguous long", "K^T view", "V view", "column slice", "short rows"])
+def test_summarize_gives_aminmax_and_the_sampled_elements(layout):
+    """One sweep gives torch.aminmax's min and max and sample_values' elements, on the layouts DOBI meets: a long
+    1-D sweep (rows of 2^14 with a shorter last one), views of a qkv output (rows of 60 with a padded tail), a
+    column slice, rows of 3 elements; a NaN anywhere gives NaN extremes."""
+    q, k, v = qkv_views(300, 6, 64, 10)
+    x = {"contiguous long": torch.randn(70001), "K^T view": k.transpose(-2, -1), "V view": v,
+         "column slice": torch.randn(5000, 37)[:, 3:30], "short rows": torch.randn(4000, 5)[:, :3]}[layout]
+    summary = calibrate.summarize(x, 2**12)
+    lo, hi = torch.aminmax(x)
+    assert torch.equal(summary.values, calibrate.sample_values(x, 2**12)) and summary.shape == x.shape
+    assert summary.minimum == lo and summary.maximum == hi
+    x = x.clone() if layout == "contiguous long" else x.contiguous()
+    x.view(-1)[x.numel() // 2 + 7] = float("nan")
+    assert calibrate.summarize(x, 2**12).minimum.isnan() and calibrate.summarize(x, 2**12).maximum.isnan()
+
+
+def test_summarize_sweeps_the_parts_of_a_qkv_output_at_once():
+    """Three parts of each row (q, k, v columns): each part's min, max and elements at its own offsets, as if each
+    were summarized alone; bad offsets or parts are refused."""
+    q, k, v = qkv_views(40, 6, 64, 10)
+    views = (q, k.transpose(-2, -1), v)
+    offsets = [calibrate.sample_offsets(view, 500) for view in views]
+    rows = q.as_strided((40 * 64, 180), (180, 1))
+    for view, (values, extremes) in zip(views, kernels.summarize(rows, offsets)):
+        alone = calibrate.summarize(view, 500)
+        assert torch.equal(values, alone.values) and extremes[0] == alone.minimum and extremes[1] == alone.maximum
+    with pytest.raises(ValueError, match="equal parts"):
+        kernels.summarize(rows[:, :179], offsets)
+    with pytest.raises(ValueError, match="offsets of its elements"):
+        kernels.summarize(rows, [offsets[0] + rows.numel(), *offsets[1:]])
+
+
+def test_histogram_counts_as_torch_histc():
+    """The same counts as torch.histc: values on bin edges, at the upper bound (last bin), outside the range and NaN
+    (not counted), odd lengths and bin counts; a bad call is refused."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        x = torch.randn(int(torch.randint(1, 70000, (1,), generator=generator)), generator=generator) * (trial + 1)
+        if trial % 3 == 0:
+            x = (x * 7).round() / 7  # many values exactly on bin edges
+        lo, hi = torch.aminmax(x)
+        lo, hi = (lo.item(), hi.item()) if trial % 2 else (lo.item() / 2, hi.item() / 3)
+        x[0] = float("nan")
+        bins = int(torch.randint(1, 5000, (1,), generator=generator))
+        assert torch.equal(kernels.histogram(x, bins, lo, hi), torch.histc(x, bins, lo, hi)), trial
+    with pytest.raises(ValueError, match="lower < upper"):
+        kernels.histogram(torch.randn(10), 4, 1.0, 1.0)
