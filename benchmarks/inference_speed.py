@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab import calibrate, load_model, swinir
+from quantlab import calibrate, kernels, load_model, swinir
 from quantlab.data import calibration_patches
 from quantlab.quant import QuantConfig, quantize
 from quantlab.swinir import SwinIR
@@ -260,7 +260,8 @@ def main() -> None:
     inputs = {"batch 32x3x64x64": calibration_patches(n=32, size=64, scale=model.config.scale),
               f"image 1x3x{args.image}x{args.image}": torch.rand(1, 3, args.image, args.image)}
     pd.set_option("display.width", 160)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {args.model}")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {args.model}; "
+          f"quantlab's kernels: {kernels.threads_kind() or 'not built'}")
     print(f"matmul peak (fp32 {MATMUL_PEAK_SIDE}^3, best of 5): {matmul_peak():.0f} GFLOP/s")
     nets = {"quantlab": model, "explicit": baseline}
     if args.quantized:

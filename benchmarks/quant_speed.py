@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quantlab import calibrate, load_model
+from quantlab import calibrate, kernels, load_model
 from quantlab.calibrate import DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search
 from quantlab.data import calibration_patches
 from quantlab.evaluation import evaluate
@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     model, label = fp_model(args.model)
     patches = calibration_patches(n=32, size=64, scale=model.config.scale)
-    print(f"model: {label}; threads: {torch.get_num_threads()}; calibration batch {tuple(patches.shape)}")
+    print(f"model: {label}; threads: {torch.get_num_threads()}; calibration batch {tuple(patches.shape)}; "
+          f"quantlab's kernels: {kernels.threads_kind() or 'not built'}")
 
     compared = [name for name in args.methods.split(",") if name]
     calibrations = ["dobi", *compared]

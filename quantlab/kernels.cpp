@@ -1,5 +1,6 @@
 // quantlab's CPU kernels, built and loaded by quantlab/kernels.py: a plain C ABI (no torch headers), GCC vector
-// extensions (16 floats, lowered to the machine's AVX-512 or AVX2 by -march=native), std::threads.
+// extensions (16 floats, lowered to the machine's AVX-512 or AVX2 by -march=native), OpenMP's threads (else
+// std::threads).
 // - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
 //   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does);
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
@@ -15,6 +16,9 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -242,14 +246,26 @@ void quantize_range(const float* x, float* out, int64_t first, int64_t last, Qua
 }
 
 // Runs work(worker, first, last) over [0, count) split between up to ``threads`` workers (0, 1, ...; at least
-// ``grain`` items each); returns how many workers ran.
+// ``grain`` items each, the same ranges however they run); returns how many workers ran. Built with OpenMP, the
+// workers are the threads of the process's OpenMP pool (PyTorch's, when it is loaded: no second set of threads
+// competing with its waiting ones for the cores), else std::threads.
 template <typename Work>
 int64_t split(int64_t count, int threads, int64_t grain, Work work) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count / grain));
+  if (workers == 1) {
+    work(0, 0, count);
+    return 1;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(workers)
+  for (int64_t w = omp_get_thread_num(); w < workers; w += omp_get_num_threads())
+    work(w, count * w / workers, count * (w + 1) / workers);
+#else
   std::vector<std::thread> pool;
   for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work, w, count * w / workers, count * (w + 1) / workers);
   work(0, 0, count / workers);
   for (auto& thread : pool) thread.join();
+#endif
   return workers;
 }
 
@@ -285,6 +301,15 @@ void quantize_backward_range(const float* grad, const float* x, const float* res
 }
 
 }  // namespace
+
+extern "C" int uses_openmp() {
+  // 1 when built with OpenMP (the workers are the OpenMP pool's threads), 0 with std::threads.
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 extern "C" int fake_quantize_train(const float* x, float* out, float* residual, int64_t count, float lower, float step,
                                    float levels, int threads) {

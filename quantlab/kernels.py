@@ -30,6 +30,7 @@ from .files import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 COMPILER_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-pthread")
+OPENMP_FLAG = "-fopenmp"  # tried first; a compiler without OpenMP builds the std::thread version
 KERNEL_DIR_ENV = "QUANTLAB_KERNEL_DIR"
 KERNELS_ENV = "QUANTLAB_KERNELS"  # "on" (default) or "off"
 # (lower l, step s, levels n) of a quantizer the kernel applies as Eq. 1, x_q = s round(clip((x - l) / s, 0, n)) + l;
@@ -47,14 +48,22 @@ def cpu_model() -> str:
 
 
 def _build(compiler: str, folder: Path) -> Path:
-    """The kernel's shared library for this source, compiler and CPU model: built into ``folder`` unless there."""
+    """The kernel's shared library for this source, compiler and CPU model: built into ``folder`` unless there, with
+    OpenMP (its threads then are PyTorch's pool's) or, where the compiler has none, with std::threads."""
+    try:
+        return _build_with(compiler, folder, (*COMPILER_FLAGS, OPENMP_FLAG))
+    except subprocess.CalledProcessError:  # a compiler without OpenMP
+        return _build_with(compiler, folder, COMPILER_FLAGS)
+
+
+def _build_with(compiler: str, folder: Path, flags: tuple[str, ...]) -> Path:
+    """The library built with ``flags``, named by a hash of the source, the flags, the compiler and the CPU model."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *COMPILER_FLAGS, version, cpu_model()]).encode()).hexdigest()
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, version, cpu_model()]).encode()).hexdigest()
     library = folder / f"kernels-{key[:16]}.so"
     if not library.is_file():
         with atomic_path(library) as built:  # never half a file, even with several processes building at once
-            subprocess.run([compiler, *COMPILER_FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
-                           check=True)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
     return library
 
 
@@ -79,9 +88,17 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int]
     lib.summarize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     lib.histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 2 + [ctypes.c_int64, ctypes.c_void_p]
+    lib.uses_openmp.argtypes = []
     lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
         ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
+
+
+def threads_kind() -> str | None:
+    """How the kernels run in parallel: "OpenMP" (the process's OpenMP pool, PyTorch's when it uses libgomp),
+    "std::thread" (a compiler without OpenMP), or None when they are not built."""
+    lib = library()
+    return None if lib is None else "OpenMP" if lib.uses_openmp() else "std::thread"
 
 
 def enabled() -> bool:
@@ -184,9 +201,8 @@ def summarize(x: torch.Tensor, offsets: Sequence[torch.Tensor]) -> list[tuple[to
     strides = torch.tensor(x.stride() or (1,), dtype=torch.int64)
     counts = torch.tensor([len(o) for o in offsets], dtype=torch.int64)
     pointers = (ctypes.c_void_p * parts)(*(o.data_ptr() for o in offsets))
-    # one thread: a memory-bound sweep of a few ms, which a second thread slows beside PyTorch's waiting OpenMP ones
     library().summarize(x.data_ptr(), sizes.data_ptr(), strides.data_ptr(), len(sizes), parts, pointers,
-                        counts.data_ptr(), sample.data_ptr(), extremes.data_ptr(), 1)
+                        counts.data_ptr(), sample.data_ptr(), extremes.data_ptr(), torch.get_num_threads())
     return list(zip(sample.split(counts.tolist()), extremes))
 
 

@@ -167,6 +167,33 @@ def test_kernel_is_built_once_per_source_into_the_kernel_folder(monkeypatch, tmp
         kernels.library.cache_clear()
 
 
+def test_a_compiler_without_openmp_builds_the_threads_version(monkeypatch, tmp_path):
+    """A compiler that refuses -fopenmp: the std::thread build, the same values at 2 threads (the OpenMP build is the
+    default, and its library uses the process's OpenMP runtime)."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    q, k, v = qkv_views(12, 6, 64, 10)
+    bias = torch.randn(1, 6, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2**20, generator=torch.Generator().manual_seed(2))  # 64 rows of 2^14: two workers
+    offsets = calibrate.sample_offsets(x, 300)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = kernels.window_attention(q, k, v, bias, 0.3), kernels.summarize(x, [offsets])
+        assert kernels.threads_kind() == "OpenMP"
+        monkeypatch.setenv("CXX", str(compiler))
+        monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "kernels"))
+        kernels.library.cache_clear()
+        assert kernels.threads_kind() == "std::thread" and len(list((tmp_path / "kernels").glob("*.so"))) == 1
+        threads = kernels.window_attention(q, k, v, bias, 0.3), kernels.summarize(x, [offsets])
+        assert torch.equal(threads[0], expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(threads[1][0], expected[1][0]))
+    finally:
+        torch.set_num_threads(before)
+        kernels.library.cache_clear()
+
+
 def test_the_fp_model_can_pin_the_kernel(monkeypatch):
     """QUANTLAB_ATTENTION=kernel runs it in WindowAttention (the measured choice may pick it too)."""
     monkeypatch.setattr(swinir, "_chosen_paths", {})
