@@ -46,8 +46,12 @@ def quantization_error(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     with u <= l is scored as the quantizer runs it (u raised to l + MIN_RANGE, :func:`quantlab.quant.repaired_upper`).
     """
     lo, hi = lower[:, None], repaired_upper(lower, upper)[:, None]  # crossed/equal bounds as the quantizer runs them
-    c_hat, step = clip_scaled(x[None], lo, hi, 2**bits - 1)  # the fake quantizer's own arithmetic
-    err = c_hat.round_().mul_(step).add_(lo).sub_(x[None]).square_()  # one (K, M) tensor, in place
+    if kernels.runs_on(x) and x.dim() == 1 and x.is_contiguous() and lo.dtype == torch.float32:
+        step = ((hi - lo) / (2**bits - 1)).reshape(-1)  # clip_scaled's step
+        err = kernels.candidate_errors(x, lo.reshape(-1).contiguous(), step, 2**bits - 1)  # the same values, one pass
+    else:
+        c_hat, step = clip_scaled(x[None], lo, hi, 2**bits - 1)  # the fake quantizer's own arithmetic
+        err = c_hat.round_().mul_(step).add_(lo).sub_(x[None]).square_()  # one (K, M) tensor, in place
     return err.sum(1) if weights is None else err @ weights
 
 

@@ -9,7 +9,7 @@
 //   and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
 //   given positions.
 // - summarize: a tensor's min, max and elements at given positions in one sweep (DOBI's statistics); histogram:
-//   torch.histc's counts.
+//   torch.histc's counts; candidate_errors: DOBI's squared errors of many bound candidates.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -401,6 +401,23 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
       std::copy_n(worker_extremes.data() + 2 * (parts * w + p), 2, part_extremes.data() + 2 * w);
     combine_extremes(part_extremes, workers, extremes + 2 * p);
   }
+  return 0;
+}
+
+extern "C" int candidate_errors(const float* x, int64_t count, const float* lower, const float* step, int64_t candidates,
+                                float levels, float* errors, int threads) {
+  // errors[k * count + i] = (Q_k(x[i]) - x[i])^2, Q_k Eq. 1 on [lower[k], lower[k] + levels * step[k]]: the values of
+  // quantlab.calibrate.quantization_error's six eager passes per element, in one. Returns 0.
+  split(candidates, threads, 8, [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Quantizer quantizer{true, lower[k], step[k], levels};
+      for (int64_t i = 0; i < count; i += kLanes) {
+        const int64_t lanes = std::min(kLanes, count - i);
+        const Floats values = load_n(x + i, lanes), error = quantizer(values) - values;
+        store_n(errors + k * count + i, error * error, lanes);
+      }
+    }
+  });
   return 0;
 }
 

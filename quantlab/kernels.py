@@ -1,7 +1,8 @@
 """quantlab's CPU kernels (``kernels.cpp``): Eq. 1 in one pass over a tensor (the same values as PyTorch's eager
 ops) and Eq. 2's backward in one more; window attention, softmax(Q K^T s + bias) V per (window, head) with one query
 row at a time in registers, optionally fake-quantizing Q, K, the softmax output and V; and DOBI's statistics: a
-tensor's min, max and seeded sample in one sweep of memory (:func:`summarize`), and ``torch.histc``'s counts.
+tensor's min, max and seeded sample in one sweep of memory (:func:`summarize`), ``torch.histc``'s counts and the
+squared errors of DOBI's candidates (:func:`candidate_errors`).
 
 Built on first use with the machine's C++ compiler (``$CXX`` or ``c++``; ``-march=native``, so once per CPU model),
 kept in ``$QUANTLAB_KERNEL_DIR`` (default ``kernels/`` in quantlab's cache dir) and loaded with ctypes: no torch
@@ -89,6 +90,8 @@ def library() -> ctypes.CDLL | None:
     lib.summarize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
     lib.histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 2 + [ctypes.c_int64, ctypes.c_void_p]
     lib.uses_openmp.argtypes = []
+    lib.candidate_errors.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
+        ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
         ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
@@ -204,6 +207,19 @@ def summarize(x: torch.Tensor, offsets: Sequence[torch.Tensor]) -> list[tuple[to
     library().summarize(x.data_ptr(), sizes.data_ptr(), strides.data_ptr(), len(sizes), parts, pointers,
                         counts.data_ptr(), sample.data_ptr(), extremes.data_ptr(), torch.get_num_threads())
     return list(zip(sample.split(counts.tolist()), extremes))
+
+
+def candidate_errors(x: torch.Tensor, lower: torch.Tensor, step: torch.Tensor, levels: int) -> torch.Tensor:
+    """(K, M) squared errors (Q_k(x_i) - x_i)^2 of Eq. 1 with the K pairs (``lower``, ``step``) on the M values ``x``
+    (contiguous 1-D float32 CPU tensors): the values of :func:`quantlab.calibrate.quantization_error`'s eager
+    passes, in one."""
+    if not (all(map(runs_on, (x, lower, step))) and x.dim() == lower.dim() == step.dim() == 1
+            and lower.shape == step.shape and all(t.is_contiguous() for t in (x, lower, step))):
+        raise ValueError("candidate_errors needs contiguous 1-D float32 CPU tensors x, and lower and step alike")
+    errors = x.new_empty(len(lower), len(x))
+    library().candidate_errors(x.data_ptr(), len(x), lower.data_ptr(), step.data_ptr(), len(lower), levels,
+                               errors.data_ptr(), torch.get_num_threads())
+    return errors
 
 
 def histogram(x: torch.Tensor, bins: int, lower: float, upper: float) -> torch.Tensor:

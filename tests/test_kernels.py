@@ -391,3 +391,19 @@ def test_histogram_counts_as_torch_histc():
         assert torch.equal(kernels.histogram(x, bins, lo, hi), torch.histc(x, bins, lo, hi)), trial
     with pytest.raises(ValueError, match="lower < upper"):
         kernels.histogram(torch.randn(10), 4, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_candidate_errors_are_the_eager_passes_values(bits):
+    """DOBI's squared errors of 100 candidates (symmetric and one-sided grids, weighted and not): the values of the
+    eager passes exactly, incl. values on rounding midpoints and crossed candidates (u repaired)."""
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.cat([torch.randn(3001, generator=generator) * 3, torch.arange(-8, 8.5, 0.5)])  # half steps: midpoints
+    lo, hi = torch.aminmax(x)
+    for symmetric in (True, False):
+        lower, upper = calibrate.dobi_candidates(lo, hi, symmetric, 100)
+        upper[7] = lower[7] - 1.0  # a crossed pair
+        for weights in (None, torch.rand(len(x), generator=generator)):
+            fast = calibrate.quantization_error(x, lower, upper, bits, weights)
+            with kernels.off():
+                assert torch.equal(fast, calibrate.quantization_error(x, lower, upper, bits, weights))
