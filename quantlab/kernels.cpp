@@ -375,7 +375,8 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
     }
     std::vector<Floats> lo(parts, splat(INFINITY)), hi(parts, splat(-INFINITY));
     std::vector<int64_t> picked(parts);
-    for (int64_t p = 0; p < parts; ++p) picked[p] = std::lower_bound(offsets[p], offsets[p] + counts[p], base) - offsets[p];
+    for (int64_t p = 0; p < parts; ++p)
+      picked[p] = std::lower_bound(offsets[p], offsets[p] + counts[p], base) - offsets[p];
     for (int64_t row = first; row < last; ++row) {
       const int64_t length = std::min(width, elements - base);  // a 1-D x's last row may be shorter
       for (int64_t p = 0; p < parts; ++p) {
@@ -404,8 +405,8 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
   return 0;
 }
 
-extern "C" int candidate_errors(const float* x, int64_t count, const float* lower, const float* step, int64_t candidates,
-                                float levels, float* errors, int threads) {
+extern "C" int candidate_errors(const float* x, int64_t count, const float* lower, const float* step,
+                                int64_t candidates, float levels, float* errors, int threads) {
   // errors[k * count + i] = (Q_k(x[i]) - x[i])^2, Q_k Eq. 1 on [lower[k], lower[k] + levels * step[k]]: the values of
   // quantlab.calibrate.quantization_error's six eager passes per element, in one. Returns 0.
   split(candidates, threads, 8, [&](int64_t, int64_t first, int64_t last) {

@@ -64,7 +64,8 @@ def _build_with(compiler: str, folder: Path, flags: tuple[str, ...]) -> Path:
     library = folder / f"kernels-{key[:16]}.so"
     if not library.is_file():
         with atomic_path(library) as built:  # never half a file, even with several processes building at once
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=True)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                           check=True)
     return library
 
 
@@ -88,7 +89,8 @@ def library() -> ctypes.CDLL | None:
     lib.fake_quantize_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [
         ctypes.c_void_p, ctypes.c_int]
     lib.summarize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int]
-    lib.histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 2 + [ctypes.c_int64, ctypes.c_void_p]
+    lib.histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 2 + [
+        ctypes.c_int64, ctypes.c_void_p]
     lib.uses_openmp.argtypes = []
     lib.candidate_errors.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
