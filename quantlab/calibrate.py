@@ -122,9 +122,7 @@ def summarize(x: torch.Tensor, sample: int) -> TensorSample:
     (the same values)."""
     swept = swept_view(x)
     if kernels.runs_on(x) and kernels.sweeps_in_order(swept) and x.numel() > sample:
-        ordered = memory_order(x)
-        offsets = _sample_offsets(tuple(ordered.shape), tuple(ordered.stride()), sample, x.device)
-        [(values, extremes)] = kernels.summarize(swept, [offsets])
+        [(values, extremes)] = kernels.summarize(swept, [_layout_offsets(x, sample)])
         return TensorSample(x.shape, extremes[0], extremes[1], values)
     lo, hi = torch.aminmax(swept)
     return TensorSample(x.shape, lo, hi, sample_values(x, sample))
@@ -140,8 +138,11 @@ def sample_offsets(x: torch.Tensor, sample: int) -> torch.Tensor | None:
     """The sorted memory offsets (int64, CPU; in elements from ``x``'s first one) that :func:`sample_values` reads
     of ``x`` (only its layout is used: it may be a meta tensor), or None when it has at most ``sample`` elements
     (all are used): an observer's :attr:`~quantlab.quant.FakeQuantizer.sample_offsets` for DOBI's sampled search."""
-    if x.numel() <= sample:
-        return None
+    return None if x.numel() <= sample else _layout_offsets(x, sample)
+
+
+def _layout_offsets(x: torch.Tensor, sample: int) -> torch.Tensor:
+    """:func:`sample_values`' sorted offsets of ``x``'s layout (int64, CPU)."""
     x = memory_order(x)
     return _sample_offsets(tuple(x.shape), tuple(x.stride()), sample, torch.device("cpu"))
 

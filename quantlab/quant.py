@@ -437,9 +437,10 @@ class QuantWindowAttention(WindowAttention):
         if any(o is None for o in offsets):
             return {}
         parts = kernels.summarize(q.as_strided((windows * tokens, 3 * width), (3 * width, 1)), offsets)
-        scales = (self.scale, 1.0, 1.0)
-        return {op: TensorSample(view.shape, extremes[0] * scale, extremes[1] * scale, values * scale)
-                for op, view, (values, extremes), scale in zip(observers, views, parts, scales)}
+        (q_values, q_extremes), *rest = parts
+        parts = [(q_values * self.scale, q_extremes * self.scale), *rest]  # only Q is scaled
+        return {op: TensorSample(view.shape, extremes[0], extremes[1], values)
+                for op, view, (values, extremes) in zip(observers, views, parts)}
 
     def chunked_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                           whole: bool = False) -> torch.Tensor:
