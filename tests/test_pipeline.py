@@ -37,6 +37,15 @@ def test_release_output_loss_scaling():
     assert output_loss(a, b, "release") == pytest.approx(96 / (2 * 48**2))
 
 
+def test_rmse_output_loss_and_unknown_kinds():
+    a, b = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    a[0, 0, 0, :2] = torch.tensor([3.0, 4.0])  # squared errors 9 + 16 over 96 elements
+    assert output_loss(a, b, "rmse") == pytest.approx((25 / 96) ** 0.5)
+    assert output_loss(a, b) == pytest.approx(7 / 96)
+    with pytest.raises(ValueError, match="unknown DQC output loss 'l2'"):
+        output_loss(a, b, "l2")
+
+
 def test_dqc_trains_only_bounds_and_lowers_the_output_error(fp_model, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
