@@ -50,7 +50,7 @@ class DQCPreset:
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "cosine"  # or "constant"
     feature_weight: float = 5.0  # lambda; the released loss_weight of the feature term
-    loss: str = "paper"  # or "release", "rmse" (see output_loss)
+    loss: str = "paper"  # or "release"
     dobi_mode: str = "paper"  # the DOBI initialisation that goes with this preset
     patch_size: int = 64  # LR crop side
     select_every: int | None = None  # check Set5 PSNR every N iterations and keep the best bounds
@@ -74,19 +74,16 @@ def get_preset(preset: str | DQCPreset) -> DQCPreset:
     return PRESETS[preset]
 
 
-OUTPUT_LOSSES = ("paper", "release", "rmse")
+OUTPUT_LOSSES = ("paper", "release")
 
 
 def output_loss(out_q: torch.Tensor, out_fp: torch.Tensor, kind: str = "paper") -> torch.Tensor:
-    """Eq. (4) averaged over the batch (``paper``), the released sum|d| / (B (CHW)^2) (``release``), or the root
-    mean squared difference over the batch (``rmse``: PSNR's own measure, on the scale of Eq. (4))."""
+    """Eq. (4) averaged over the batch (``paper``), or the released sum|d| / (B (CHW)^2) (``release``)."""
     if kind not in OUTPUT_LOSSES:
         raise ValueError(f"unknown DQC output loss {kind!r}; choose one of {OUTPUT_LOSSES}")
     if kind == "release":
         per_sample = out_q[0].numel()
         return (out_q - out_fp).abs().sum() / (out_q.shape[0] * per_sample**2)
-    if kind == "rmse":
-        return (out_q - out_fp).square().mean().sqrt()
     return (out_q - out_fp).abs().mean()
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantlab import calibrate, distill, pipeline
+from quantlab import calibrate, distill, methods, pipeline
 from quantlab.cli import main
 from quantlab.checkpoints import load_model, save_model
 from quantlab.distill import bound_parameters, dqc, feature_loss, output_loss
@@ -37,13 +37,12 @@ def test_release_output_loss_scaling():
     assert output_loss(a, b, "release") == pytest.approx(96 / (2 * 48**2))
 
 
-def test_rmse_output_loss_and_unknown_kinds():
-    a, b = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
-    a[0, 0, 0, :2] = torch.tensor([3.0, 4.0])  # squared errors 9 + 16 over 96 elements
-    assert output_loss(a, b, "rmse") == pytest.approx((25 / 96) ** 0.5)
-    assert output_loss(a, b) == pytest.approx(7 / 96)
+def test_unknown_output_loss_is_refused():
     with pytest.raises(ValueError, match="unknown DQC output loss 'l2'"):
-        output_loss(a, b, "l2")
+        output_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), "l2")
+    for method in ("dqc", "2dquant", "condiquant", "quantlab"):  # at request time, before any calibration
+        with pytest.raises(ValueError, match=f"loss of method '{method}' must be one of"):
+            methods.resolve(method, 4, loss="l2")
 
 
 def test_dqc_trains_only_bounds_and_lowers_the_output_error(fp_model, tmp_path, monkeypatch):
