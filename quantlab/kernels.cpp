@@ -113,40 +113,48 @@ struct Problem {
 inline float min_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::min(a, b); }
 inline float max_keeping_nan(float a, float b) { return a != a || b != b ? NAN : std::max(a, b); }
 
-// Min and max of the first n floats of ``row`` folded into the lane-wise lo and hi (a NaN sticks), all in vectors: the
-// tail is the row's last whole vector (elements seen twice change neither extreme) or, in a row shorter than one,
-// the row padded with row[0].
-inline void update_row_extremes(const float* row, int64_t n, Floats& lo, Floats& hi) {
-  Floats low = lo, high = hi;  // in registers (a store through lo could change row, as far as the compiler knows)
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const Floats v = load(row + j);
-    low = minimum(v, low);
-    high = maximum(v, high);
+// A running lane-wise min and max, and which lanes have seen a NaN (then both extremes are NaN, as torch.aminmax
+// gives for a tensor holding one): plain min/max instructions, the NaN test beside them.
+struct Extremes {
+  Floats lo = splat(INFINITY), hi = splat(-INFINITY);
+  Ints nan = Ints{};
+
+  void update(Floats v) {
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    nan |= v != v;
   }
+};
+
+// The first n floats of ``row`` folded into ``extremes``, all in vectors: the tail is the row's last whole vector
+// (elements seen twice change neither extreme) or, in a row shorter than one, the row padded with row[0].
+inline void update_row_extremes(const float* row, int64_t n, Extremes& extremes) {
+  Extremes running = extremes;  // in registers (a store through extremes could change row, as far as the compiler knows)
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) running.update(load(row + j));
   if (j < n) {
     float buffer[kLanes];
     if (n < kLanes) {
       std::fill(buffer, buffer + kLanes, row[0]);
       std::copy(row, row + n, buffer);
     }
-    const Floats v = n < kLanes ? load(buffer) : load(row + n - kLanes);
-    low = minimum(v, low);
-    high = maximum(v, high);
+    running.update(n < kLanes ? load(buffer) : load(row + n - kLanes));
   }
-  lo = low;
-  hi = high;
+  extremes = running;
 }
 
-// The lane-wise lo and hi folded into one min and max, written to parts[2 * worker] and the next (a NaN sticks).
-inline void finish_extremes(Floats lo, Floats hi, float* parts, int64_t worker) {
+// The lane-wise extremes folded into one min and max, written to parts[2 * worker] and the next (NaN, NaN if a lane
+// saw one).
+inline void finish_extremes(const Extremes& extremes, float* parts, int64_t worker) {
   float low = INFINITY, high = -INFINITY;
+  bool nan = false;
   for (int64_t lane = 0; lane < kLanes; ++lane) {
-    low = min_keeping_nan(low, lo[lane]);
-    high = max_keeping_nan(high, hi[lane]);
+    low = std::min(low, extremes.lo[lane]);
+    high = std::max(high, extremes.hi[lane]);
+    nan = nan || extremes.nan[lane];
   }
-  parts[2 * worker] = low;
-  parts[2 * worker + 1] = high;
+  parts[2 * worker] = nan ? NAN : low;
+  parts[2 * worker + 1] = nan ? NAN : high;
 }
 
 // The min and max of the workers' parts (2 floats each) into extremes[0] and extremes[1].
@@ -167,7 +175,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
   const int64_t keys = key_vectors * kLanes, channels = channel_vectors * kLanes;
   std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(d), row(keys), bias_row(keys, -INFINITY);
   std::vector<Floats> scores(key_vectors);
-  Floats lo = splat(INFINITY), hi = splat(-INFINITY);
+  Extremes extremes;
   int64_t picked = std::lower_bound(p.offsets, p.offsets + p.offset_count, first * n * n) - p.offsets;
   for (int64_t item = first; item < last; ++item) {
     const int64_t b = item / p.heads, h = item % p.heads;
@@ -220,7 +228,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
       const int64_t row_start = (item * n + i) * n;  // item = b * heads + h
       if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + row_start);
       if (p.extremes) {
-        update_row_extremes(row.data(), n, lo, hi);
+        update_row_extremes(row.data(), n, extremes);
         for (; picked < p.offset_count && p.offsets[picked] < row_start + n; ++picked)
           p.sample[picked] = row[p.offsets[picked] - row_start];
       }
@@ -235,7 +243,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
       }
     }
   }
-  if (p.extremes) finish_extremes(lo, hi, p.extremes, worker);
+  if (p.extremes) finish_extremes(extremes, p.extremes, worker);
 }
 
 void quantize_range(const float* x, float* out, int64_t first, int64_t last, Quantizer quantizer) {
@@ -373,7 +381,7 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
       rest /= shape[dim];
       base += index[dim] * step[dim];
     }
-    std::vector<Floats> lo(parts, splat(INFINITY)), hi(parts, splat(-INFINITY));
+    std::vector<Extremes> extremes_of(parts);
     std::vector<int64_t> picked(parts);
     for (int64_t p = 0; p < parts; ++p)
       picked[p] = std::lower_bound(offsets[p], offsets[p] + counts[p], base) - offsets[p];
@@ -381,7 +389,7 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
       const int64_t length = std::min(width, elements - base);  // a 1-D x's last row may be shorter
       for (int64_t p = 0; p < parts; ++p) {
         const float* start = x + base + p * width;
-        update_row_extremes(start, length, lo[p], hi[p]);
+        update_row_extremes(start, length, extremes_of[p]);
         float* part_sample = sample + starts[p];
         for (int64_t& j = picked[p]; j < counts[p] && offsets[p][j] < base + length; ++j)
           part_sample[j] = start[offsets[p][j] - base];
@@ -394,7 +402,7 @@ extern "C" int summarize(const float* x, const int64_t* sizes, const int64_t* st
       }
     }
     for (int64_t p = 0; p < parts; ++p)
-      finish_extremes(lo[p], hi[p], worker_extremes.data() + 2 * parts * worker, p);
+      finish_extremes(extremes_of[p], worker_extremes.data() + 2 * parts * worker, p);
   });
   for (int64_t p = 0; p < parts; ++p) {
     std::vector<float> part_extremes(2 * workers);
