@@ -147,11 +147,14 @@ def test_hooked_matmuls_take_the_explicit_path_and_agree(official_checkpoint):
 
 
 @pytest.mark.parametrize("path", ["fused", "explicit", "auto"])
-def test_every_inference_attention_path_matches_the_oracle(official_checkpoint, monkeypatch, path):
+def test_every_inference_attention_path_matches_the_oracle(official_checkpoint, monkeypatch, tmp_path, path):
     """Both FP inference paths (pinned with QUANTLAB_ATTENTION) and the measured choice agree with the oracle
-    to 1e-5, on a batch of patches and on one image of more windows than a patch."""
+    to 1e-5, on a batch of patches and on one image of more windows than a patch. The measured choice is made
+    afresh in a cache dir of its own (the machine's stored choices are neither read nor written)."""
     path_file, state, config = official_checkpoint
     monkeypatch.setenv(swinir.ATTENTION_ENV, path)
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
     model = load_model(path_file)
     for shape in [(3, 3, 16, 16), (1, 3, 40, 48)]:
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(4))
