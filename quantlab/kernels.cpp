@@ -129,7 +129,7 @@ struct Extremes {
 // The first n floats of ``row`` folded into ``extremes``, all in vectors: the tail is the row's last whole vector
 // (elements seen twice change neither extreme) or, in a row shorter than one, the row padded with row[0].
 inline void update_row_extremes(const float* row, int64_t n, Extremes& extremes) {
-  Extremes running = extremes;  // in registers (a store through extremes could change row, as far as the compiler knows)
+  Extremes running = extremes;  // in registers (a store through extremes could change row, for all the compiler knows)
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) running.update(load(row + j));
   if (j < n) {

@@ -582,5 +582,5 @@ register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
 register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: per-channel weight bounds, DOBI, longer DQC "
                 "that also tunes the LayerNorms, biases and weights (README 'Beyond the papers')", run_recipe,
                 settings=lambda preset, bits, scale: recipe_settings(preset, bits), tuned=True, prepare=prepare_recipe,
-                choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False), "loss": OUTPUT_LOSSES},
-                compared=False))
+                choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False),
+                         "loss": OUTPUT_LOSSES}, compared=False))
