@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import kernels
-from .quant import (ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, TensorSample, check_bits, clip_scaled, quantizers,
-                    repaired_upper, set_mode)
+from .quant import (ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, TensorSample, check_bits, clip_scaled,
+                    quantization_step, quantizers, repaired_upper, set_mode)
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
@@ -45,12 +45,14 @@ def quantization_error(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
     x: (M,) values; lower, upper: (K,) candidates; weights: (M,) or None (all 1). Returns (K,). A candidate
     with u <= l is scored as the quantizer runs it (u raised to l + MIN_RANGE, :func:`quantlab.quant.repaired_upper`).
     """
-    lo, hi = lower[:, None], repaired_upper(lower, upper)[:, None]  # crossed/equal bounds as the quantizer runs them
-    if kernels.runs_on(x) and x.dim() == 1 and x.is_contiguous() and lo.dtype == torch.float32:
-        step = ((hi - lo) / (2**bits - 1)).reshape(-1)  # clip_scaled's step
-        err = kernels.candidate_errors(x, lo.reshape(-1).contiguous(), step, 2**bits - 1)  # the same values, one pass
+    levels = 2**bits - 1
+    upper = repaired_upper(lower, upper)  # crossed/equal bounds as the quantizer runs them
+    if kernels.runs_on(x) and x.dim() == 1 and x.is_contiguous() and lower.dtype == torch.float32:
+        lower = lower.contiguous()  # the same values as the eager passes below, in one pass
+        err = kernels.candidate_errors(x, lower, quantization_step(lower, upper, levels), levels)
     else:
-        c_hat, step = clip_scaled(x[None], lo, hi, 2**bits - 1)  # the fake quantizer's own arithmetic
+        lo, hi = lower[:, None], upper[:, None]
+        c_hat, step = clip_scaled(x[None], lo, hi, levels)  # the fake quantizer's own arithmetic
         err = c_hat.round_().mul_(step).add_(lo).sub_(x[None]).square_()  # one (K, M) tensor, in place
     return err.sum(1) if weights is None else err @ weights
 

@@ -40,6 +40,7 @@ from .distill import OUTPUT_LOSSES, DQCPreset, dqc
 from .quant import QuantConfig, quantize, use_per_channel_weights
 
 PRESETS = ("quick", "paper", "release")  # preset names a request may give; each method resolves its own
+DQC_CHOICES = {"loss": OUTPUT_LOSSES}  # the named settings of DQC's stage, for every method that runs it
 CALIBRATION_PATCHES, CALIBRATION_PATCH_SIZE = 32, 64  # the default calibration batch: 32 LR patches 3x64x64
 FP_BITS = 32  # the bits of the unquantized reference rows, as the papers' tables print them
 TEACHERS = ("original", "conditioned")  # CondiQuant's DQC teacher
@@ -567,20 +568,20 @@ register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
                 choices={"dobi_mode": calibrate.DOBI_MODES}, tables=("2dquant",)))
 register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
                 settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,
-                stage1=lambda settings: ("minmax", {}), choices={"loss": OUTPUT_LOSSES}))
+                stage1=lambda settings: ("minmax", {}), choices=DQC_CHOICES))
 register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
                 settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
                 stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
-                choices={"dobi_mode": calibrate.DOBI_MODES, "loss": OUTPUT_LOSSES}, tables=("2dquant", "condiquant")))
+                choices={"dobi_mode": calibrate.DOBI_MODES, **DQC_CHOICES}, tables=("2dquant", "condiquant")))
 register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                 settings=lambda preset, bits, scale: {
                     "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
                     "conditioning": asdict(ConditionConfig()) | {
                         "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
-                tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS, "loss": OUTPUT_LOSSES},
+                tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS, **DQC_CHOICES},
                 tables=("condiquant",)))
 register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: per-channel weight bounds, DOBI, longer DQC "
                 "that also tunes the LayerNorms, biases and weights (README 'Beyond the papers')", run_recipe,
                 settings=lambda preset, bits, scale: recipe_settings(preset, bits), tuned=True, prepare=prepare_recipe,
-                choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False),
-                         "loss": OUTPUT_LOSSES}, compared=False))
+                choices={"dobi_mode": calibrate.DOBI_MODES, "per_channel_weights": (True, False), **DQC_CHOICES},
+                compared=False))

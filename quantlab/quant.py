@@ -45,11 +45,17 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def quantization_step(lower: torch.Tensor, upper: torch.Tensor, levels: int) -> torch.Tensor:
+    """s = (u - l) / n of Eq. 1, in the bounds' dtype (u already repaired): the one formula of the step that
+    PyTorch's passes and quantlab's kernels both use."""
+    return (upper - lower) / levels
+
+
 def clip_scaled(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_hat, s) of Eq. 1: c_hat = (clip(x, l, u) - l) / s, computed as clip((x - l) / s, 0, n) on one
     new tensor (or in ``out``, which may be ``x``): the same rounded levels, one pass fewer than clipping x first."""
-    step = (upper - lower) / levels
+    step = quantization_step(lower, upper, levels)
     return torch.sub(x, lower, out=out).div_(step).clamp_(0, levels), step
 
 
@@ -91,9 +97,8 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 def _lower_and_step(lower: torch.Tensor, upper: torch.Tensor, levels: int) -> tuple[float, float]:
-    """(l, s) of one pair of bounds (u already repaired) as the kernels take them, s computed as
-    :func:`clip_scaled` does: ``(u - l) / levels`` in the bounds' dtype."""
-    return lower.item(), ((upper - lower) / levels).item()
+    """(l, s) of one pair of bounds (u already repaired) as the kernels take them (s: :func:`quantization_step`)."""
+    return lower.item(), quantization_step(lower, upper, levels).item()
 
 
 def _one_pair(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> bool:
