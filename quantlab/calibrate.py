@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from . import kernels
+from .data import check_patches
 from .quant import (ONE_SIDED_KINDS, WEIGHT, FakeQuantizer, TensorSample, check_bits, clip_scaled,
                     quantization_step, quantizers, repaired_upper, set_mode)
+from .swinir import StopForward, run_until_stopped
 
 Bounds = tuple[torch.Tensor, torch.Tensor]
 DEFAULT_PERCENTILE = 0.1  # clip at the 0.1th / 99.9th percentiles (neither 2DQuant's paper nor code gives p)
@@ -271,12 +273,6 @@ def fit_tensor(fit: Fit, quantizer: FakeQuantizer, x: torch.Tensor) -> Bounds:
     return torch.stack([p[0] for p in pairs]).reshape(shape), torch.stack([p[1] for p in pairs]).reshape(shape)
 
 
-def check_patches(patches: torch.Tensor) -> None:
-    """ValueError, naming the fix, for calibration patches with NaN or inf values."""
-    if not torch.isfinite(patches).all():
-        raise ValueError("calibration patches contain NaN or inf values: pass finite RGB values in [0, 1]")
-
-
 @torch.no_grad()
 def stream(qmodel: nn.Module, patches: torch.Tensor,
            observe: Callable[[FakeQuantizer, torch.Tensor | TensorSample], None],
@@ -285,14 +281,24 @@ def stream(qmodel: nn.Module, patches: torch.Tensor,
     ``observe(quantizer, tensor)`` is called for each quantizer as its tensor streams past
     (q/k/v input quantizers get the same tensor object); nothing else is kept. With ``sample_offsets``
     (:attr:`~quantlab.quant.FakeQuantizer.sample_offsets`), ``observe`` may get a
-    :class:`~quantlab.quant.TensorSample` in place of a tensor a kernel did not write out."""
+    :class:`~quantlab.quant.TensorSample` in place of a tensor a kernel did not write out. The pass stops once
+    every quantizer has observed (each observes once per forward): what runs after the last one (the last
+    linear's matmul, the convolutions after the body, the upsampler) cannot change what they saw."""
     check_patches(patches)
     named = [q for _, q in quantizers(qmodel)]
+    waiting = set(named)
+
+    def observe_until_all_have(quantizer: FakeQuantizer, x: torch.Tensor | TensorSample) -> None:
+        observe(quantizer, x)
+        waiting.discard(quantizer)
+        if not waiting:
+            raise StopForward
+
     for quantizer in named:
-        quantizer.observer, quantizer.sample_offsets = observe, sample_offsets
+        quantizer.observer, quantizer.sample_offsets = observe_until_all_have, sample_offsets
     set_mode(qmodel, "observe")
     try:
-        qmodel.eval()(patches.to(next(qmodel.parameters()).device))
+        run_until_stopped(qmodel.eval(), patches.to(next(qmodel.parameters()).device))
     finally:
         set_mode(qmodel, "quantize")
         for quantizer in named:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import check_finite_weights
 from .data import check_patches
+from .swinir import StopForward, run_until_stopped
 
 LINEAR_SUFFIXES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 PROX_VARIANTS = ("variance", "band", "clip_top")
@@ -259,10 +260,6 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _first_rstb_inputs(model: nn.Module, patches: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, tuple]:
     """Tokens (n, h*w, C) entering ``model.layers[0]`` and the RSTB's other arguments (size, shift mask),
     from forward passes stopped there."""
@@ -273,16 +270,13 @@ def _first_rstb_inputs(model: nn.Module, patches: torch.Tensor, batch_size: int)
         nonlocal rstb_args
         tokens.append(args[0].clone())
         rstb_args = args[1:]
-        raise _Stop
+        raise StopForward
 
     handle = model.layers[0].register_forward_pre_hook(stop)
     try:
         with torch.inference_mode():
             for batch in patches.split(batch_size):
-                try:
-                    model(batch.to(device))
-                except _Stop:
-                    pass
+                run_until_stopped(model, batch.to(device))
     finally:
         handle.remove()
     return torch.cat(tokens), rstb_args

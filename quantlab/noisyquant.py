@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import check_patches, seeded_positions, sequential
+from .calibrate import seeded_positions, sequential
+from .data import check_patches
 from .quant import (FakeQuantizer, QuantLinear, QuantMatMul, SplitQuantLinear,
                     fake_quantize, quantize_alike, quantizers)
 from .swinir import has_hooks

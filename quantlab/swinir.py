@@ -245,6 +245,18 @@ def has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+class StopForward(Exception):
+    """Raised by a hook (or an observer) that has seen what its pass needs: :func:`run_until_stopped` ends there."""
+
+
+def run_until_stopped(model: nn.Module, x: torch.Tensor) -> None:
+    """``model(x)`` run for what its hooks see, ending quietly where one raises :class:`StopForward`."""
+    try:
+        model(x)
+    except StopForward:
+        pass
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()

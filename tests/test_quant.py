@@ -411,6 +411,20 @@ def test_calibration_methods_set_every_quantizer(tiny_model_and_patches, method)
         assert w.min().item() <= lo and hi <= w.max().item()
 
 
+def test_the_calibration_pass_stops_once_every_quantizer_has_observed(tiny_model_and_patches):
+    """Each quantizer observes once, and what runs after the last one (the body's convolution, the upsampler)
+    does not run; a module after it is run by a plain forward of the same model."""
+    model, patches = tiny_model_and_patches
+    qmodel = quantize(model)
+    seen, tail_calls = [], []
+    qmodel.upsample.register_forward_hook(lambda *args: tail_calls.append(1))
+    calibrate.stream(qmodel, patches, lambda quantizer, x: seen.append(quantizer))
+    assert sorted(map(id, seen)) == sorted(id(q) for _, q in quantizers(qmodel)) and not tail_calls
+    with torch.no_grad():
+        qmodel(patches)
+    assert tail_calls == [1]
+
+
 def test_dobi_paper_mode_is_one_sided_on_softmax(tiny_model_and_patches):
     model, patches = tiny_model_and_patches
     paper = dict(quantizers(calibrate.dobi(quantize(model), patches, mode="paper")))
