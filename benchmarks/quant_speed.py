@@ -91,8 +91,8 @@ def main() -> None:
         quantize_with(model, name, args.bits, patches=patches, progress=False)
     time_forward()  # the FP forward's warm-up: its first call per shape may time the attention paths
     runs = {name: [] for name in ["forward", *calibrations]}
+    before = time_forward()  # each round's forward after its calibrations is the next round's before them
     for round_ in range(1, args.rounds + 1):  # alternating, so that all see the same machine load
-        before = time_forward()
         for name in calibrations:
             start = time.perf_counter()
             calibrated = quantize_with(model, name, args.bits, patches=patches, progress=False)
@@ -100,7 +100,9 @@ def main() -> None:
             print(f"  round {round_}: {name} calibration {runs[name][-1]:.1f} s", flush=True)
             if name == "dobi":
                 qmodel = calibrated  # the DOBI model of the later sections
-        runs["forward"].append((before + time_forward()) / 2)  # the forwards bracket the round's calibrations
+        after = time_forward()
+        runs["forward"].append((before + after) / 2)  # the forwards bracket the round's calibrations
+        before = after
     runs["DOBI"] = runs.pop("dobi")
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     dobi_seconds, forward_seconds = statistics.median(runs["DOBI"]), statistics.median(runs["forward"])
