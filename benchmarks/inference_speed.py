@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 from collections import defaultdict
@@ -32,15 +31,6 @@ from quantlab.quant import QuantConfig, quantize
 from quantlab.swinir import SwinIR
 
 MATMUL_PEAK_SIDE = 2048  # the square sgemm timed as the machine's matmul peak
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the platform's processor string."""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def matmul_peak(side: int = MATMUL_PEAK_SIDE, repeats: int = 5) -> float:
@@ -260,8 +250,8 @@ def main() -> None:
     inputs = {"batch 32x3x64x64": calibration_patches(n=32, size=64, scale=model.config.scale),
               f"image 1x3x{args.image}x{args.image}": torch.rand(1, 3, args.image, args.image)}
     pd.set_option("display.width", 160)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}; model {args.model}; "
-          f"quantlab's kernels: {kernels.threads_kind() or 'not built'}")
+    print(f"CPU: {kernels.cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"model {args.model}; quantlab's kernels: {kernels.threads_kind() or 'not built'}")
     print(f"matmul peak (fp32 {MATMUL_PEAK_SIDE}^3, best of 5): {matmul_peak():.0f} GFLOP/s")
     nets = {"quantlab": model, "explicit": baseline}
     if args.quantized:

@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from inference_speed import compare, cpu_name
-from quantlab import calibrate, load_model, quant
+from inference_speed import compare
+from quantlab import calibrate, kernels, load_model, quant
 from quantlab.data import calibration_patches
 from quantlab.evaluation import evaluate, summarize
 from quantlab.quant import QuantConfig, quantize
@@ -86,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model(args.model).eval().requires_grad_(False)
     x = torch.rand(1, 3, args.image, args.image)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+    print(f"CPU: {kernels.cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"bf16 {torch.backends.cpu.get_cpu_capability()}; model {args.model}; input {tuple(x.shape)}")
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     nets = {"FP": model, "mask pre-added": premasked(model),

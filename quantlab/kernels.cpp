@@ -1,6 +1,7 @@
 // quantlab's CPU kernels, built and loaded by quantlab/kernels.py: a plain C ABI (no torch headers), GCC vector
-// extensions (16 floats, lowered to the machine's AVX-512 or AVX2 by -march=native), OpenMP's threads (else
-// std::threads).
+// extensions of the machine's vector width (-march=native: 16 floats with AVX-512, 8 with AVX2, else 4), OpenMP's
+// threads (else std::threads). The values do not depend on the width: every operation is per lane except two sums,
+// which add 16 lanes in one order whatever the width (``group_sum``).
 // - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
 //   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does);
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
@@ -22,7 +23,17 @@
 
 namespace {
 
+// GCC's vectors wider than the machine's registers compile to scalar code for comparisons and to stack traffic for
+// scalar operands (~10x slower kernels on an AVX2 CPU with 16 lanes), so the width is the machine's.
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+constexpr int64_t kSumLanes = 16;  // the width of the sums that must not depend on kLanes (a multiple of it)
+constexpr int64_t kSumGroups = kSumLanes / kLanes;
 typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
@@ -77,9 +88,13 @@ float lane_max(Floats v) {
   return top;
 }
 
-float lane_sum(Floats v) {
+// The kSumLanes lanes of ``parts`` (kSumGroups vectors, lanes 0 to kLanes - 1 first) added one after another: vector
+// x of a row of sums goes to parts[x % kSumGroups], so lane j of the sum gets the elements j, j + 16, ... in order,
+// as one vector of 16 does.
+float group_sum(const Floats* parts) {
   float total = 0.0f;
-  for (int64_t lane = 0; lane < kLanes; ++lane) total += v[lane];
+  for (int64_t group = 0; group < kSumGroups; ++group)
+    for (int64_t lane = 0; lane < kLanes; ++lane) total += parts[group][lane];
   return total;
 }
 
@@ -218,12 +233,12 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
         top = maximum(top, scores[x]);
       }
       const float row_max = lane_max(top);
-      Floats total = splat(0.0f);
+      Floats totals[kSumGroups] = {};  // padded keys add exp(-inf) = 0: no change
       for (int64_t x = 0; x < key_vectors; ++x) {
         scores[x] = exp_nonpositive(scores[x] - row_max);
-        total += scores[x];
+        totals[x % kSumGroups] += scores[x];
       }
-      const float inverse = 1.0f / lane_sum(total);
+      const float inverse = 1.0f / group_sum(totals);
       for (int64_t x = 0; x < key_vectors; ++x) store(&row[x * kLanes], p.quantizers[2](scores[x] * inverse));
       const int64_t row_start = (item * n + i) * n;  // item = b * heads + h
       if (p.probabilities) std::copy(row.begin(), row.begin() + n, p.probabilities + row_start);
@@ -233,7 +248,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
           p.sample[picked] = row[p.offsets[picked] - row_start];
       }
       float* out_row = out + i * p.heads * d;
-      for (int64_t x = 0; x < channel_vectors; ++x) {  // P V, 16 channels at a time, four independent sums
+      for (int64_t x = 0; x < channel_vectors; ++x) {  // P V, kLanes channels at a time, four independent sums
         const float* v_x = &v_rows[x * kLanes];
         Floats sums[4] = {};
         for (int64_t j = 0; j < keys; j += 4)
@@ -295,14 +310,20 @@ void quantize_backward_range(const float* grad, const float* x, const float* res
                              int64_t last, float lower, float upper, float levels, double* sums) {
   const float fraction = 1.0f / levels;
   double d_lower = 0.0, d_upper = 0.0;
-  for (int64_t i = first; i < last; i += kLanes) {
-    const int64_t lanes = std::min(kLanes, last - i);
-    const Floats values = load_n(x + i, lanes), gradients = load_n(grad + i, lanes);
-    const Floats shift = load_n(residual + i, lanes) * fraction;
-    const Floats below = values <= lower ? splat(1.0f) : splat(0.0f), above = values >= upper ? splat(1.0f) : splat(0.0f);
-    d_lower += lane_sum(gradients * (below - shift));  // zero lanes past ``lanes``: no contribution
-    d_upper += lane_sum(gradients * (above + shift));
-    if (grad_x) store_n(grad_x + i, (values >= lower) & (values <= upper) ? gradients : splat(0.0f), lanes);
+  for (int64_t start = first; start < last; start += kSumLanes) {  // 16 elements' terms summed in float, then added
+    Floats lower_terms[kSumGroups], upper_terms[kSumGroups];
+    for (int64_t group = 0; group < kSumGroups; ++group) {
+      const int64_t i = start + group * kLanes, lanes = std::clamp<int64_t>(last - i, 0, kLanes);
+      const Floats values = load_n(x + i, lanes), gradients = load_n(grad + i, lanes);
+      const Floats shift = load_n(residual + i, lanes) * fraction;
+      const Floats below = values <= lower ? splat(1.0f) : splat(0.0f);
+      const Floats above = values >= upper ? splat(1.0f) : splat(0.0f);
+      lower_terms[group] = gradients * (below - shift);  // zero lanes past ``lanes``: no contribution
+      upper_terms[group] = gradients * (above + shift);
+      if (grad_x) store_n(grad_x + i, (values >= lower) & (values <= upper) ? gradients : splat(0.0f), lanes);
+    }
+    d_lower += group_sum(lower_terms);
+    d_upper += group_sum(upper_terms);
   }
   sums[0] = d_lower;
   sums[1] = d_upper;
@@ -433,7 +454,7 @@ extern "C" int candidate_errors(const float* x, int64_t count, const float* lowe
 extern "C" int histogram(const float* x, int64_t count, float lower, float upper, int64_t bins, float* counts) {
   // torch.histc(x, bins, lower, upper) for lower < upper, into counts (bins floats): an element in [lower, upper]
   // (NaN never) goes to bin (int64)((x - lower) * bins / (upper - lower)) in float arithmetic, the last bin taking
-  // upper; the same counts as PyTorch's CPU kernel. Bins computed 16 at a time (the same IEEE operations per
+  // upper; the same counts as PyTorch's CPU kernel. Bins computed a vector at a time (the same IEEE operations per
   // lane), counted in integers. Returns 0.
   std::vector<int32_t> tally(bins + 1, 0);  // slot ``bins``: elements outside [lower, upper]
   const float range = upper - lower, scale = static_cast<float>(bins);

@@ -39,13 +39,23 @@ KERNELS_ENV = "QUANTLAB_KERNELS"  # "on" (default) or "off"
 QuantizerSpec = tuple[float, float, int] | None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo's first "model name"), else :func:`platform.processor`."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of /proc/cpuinfo's first line ``field``, or None (no such file or line)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == field), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's, else :func:`platform.processor`) and its widest vector extension, e.g.
+    "AMD EPYC (avx2)": virtual machines give one name to CPUs of different vector widths, whose kernel builds
+    (``-march=native``) and fastest attention paths differ."""
+    name = _cpuinfo("model name") or platform.processor() or "unknown CPU"
+    flags = set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
+    widest = next((flag for flag in ("avx512f", "avx2", "avx", "asimd", "sse2") if flag in flags), None)
+    return name if widest is None else f"{name} ({widest})"
 
 
 def _build(compiler: str, folder: Path) -> Path:
@@ -58,9 +68,11 @@ def _build(compiler: str, folder: Path) -> Path:
 
 
 def _build_with(compiler: str, folder: Path, flags: tuple[str, ...]) -> Path:
-    """The library built with ``flags``, named by a hash of the source, the flags, the compiler and the CPU model."""
+    """The library built with ``flags``, named by a hash of the source, the flags, the compiler and the CPU (model
+    and extensions)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, version, cpu_model()]).encode()).hexdigest()
+    machine = [cpu_model(), _cpuinfo("flags") or ""]  # -march=native builds for every extension the CPU has
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *flags, version, *machine]).encode()).hexdigest()
     library = folder / f"kernels-{key[:16]}.so"
     if not library.is_file():
         with atomic_path(library) as built:  # never half a file, even with several processes building at once
@@ -164,7 +176,7 @@ def fake_quantize_train(x: torch.Tensor, lower: float, step: float, levels: int)
 def fake_quantize_backward(grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, lower: float, upper: float,
                            levels: int, input_grad: bool = True) -> tuple[torch.Tensor | None, float, float]:
     """Eq. 2 in one pass, u the repaired upper bound: (grad 1[l <= x <= u] or None, sum grad (1[x <= l] - (r -
-    c_hat) / n), sum grad (1[x >= u] + (r - c_hat) / n)); the sums accumulate in float64 per vector of 16."""
+    c_hat) / n), sum grad (1[x >= u] + (r - c_hat) / n)); the sums accumulate in float64 per 16 elements."""
     _check_flat(grad, x, residual)
     grad_x = torch.empty_like(x, requires_grad=False) if input_grad else None
     sums = torch.zeros(2, dtype=torch.float64)

@@ -1,4 +1,5 @@
 import contextlib
+import platform
 import warnings
 
 import pytest
@@ -192,6 +193,63 @@ def test_a_compiler_without_openmp_builds_the_threads_version(monkeypatch, tmp_p
     finally:
         torch.set_num_threads(before)
         kernels.library.cache_clear()
+
+
+def every_kernels_outputs() -> list[torch.Tensor]:
+    """Each kernel's outputs on fixed inputs of sizes that fill whole vectors of 4, 8 and 16 floats, and some that
+    do not: attention (FP, quantized with its map written, quantized with its map summarized), Eq. 1 and Eq. 2's
+    passes with their bound gradients, the histogram, DOBI's candidate errors and the min/max/sample sweep."""
+    generator = torch.Generator().manual_seed(0)
+    outputs = []
+    for windows, heads, tokens, dim in ((4, 6, 64, 10), (6, 3, 24, 6), (5, 2, 49, 20)):
+        q, k, v = qkv_views(windows, heads, tokens, dim)
+        bias = torch.randn(2 if windows % 2 == 0 else 1, heads, tokens, tokens, generator=generator)
+        specs = ((-0.5, 0.1, 15), (-0.7, 0.09, 15), (0.01, 0.02, 15), (-1.0, 0.13, 15))
+        probabilities, values, extremes = torch.empty(windows, heads, tokens, tokens), torch.empty(99), torch.empty(2)
+        offsets = torch.randint(probabilities.numel(), (99,), generator=generator).sort().values
+        outputs += [kernels.window_attention(q, k, v, bias, 0.3),
+                    kernels.window_attention(q, k, v, bias, 0.3, specs, probabilities), probabilities,
+                    kernels.window_attention(q, k, v, bias, 0.3, specs, summary=(offsets, values, extremes)),
+                    values, extremes]
+    for size in (50, 77, 2**18 + 5):
+        x, grad = torch.randn(size, generator=generator) * 3, torch.randn(size, generator=generator)
+        quantized, residual = kernels.fake_quantize_train(x, -2.0, 0.3, 15)
+        input_grad, d_lower, d_upper = kernels.fake_quantize_backward(grad, x, residual, -2.0, 2.5, 15)
+        candidates = kernels.candidate_errors(x[:500].contiguous(), torch.linspace(-3, -1, 9), torch.full((9,), 0.2),
+                                              15)
+        outputs += [kernels.fake_quantize(x, -2.0, 0.3, 15), quantized, residual, input_grad,
+                    torch.tensor([d_lower, d_upper]), kernels.histogram(x, 512, -3.0, 4.0), candidates,
+                    *kernels.summarize(x[:size // 24 * 24].view(-1, 24), [torch.tensor([0, 25, 31])] * 3)[1]]
+    return outputs
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="narrows the vectors with x86 flags")
+@pytest.mark.parametrize("narrower", ["-mno-avx512f", "-mno-avx"])
+def test_the_kernels_values_do_not_depend_on_the_vector_width(monkeypatch, tmp_path, narrower):
+    """A build for narrower vectors (8 floats without AVX-512, 4 without AVX) gives every kernel's values bit for bit:
+    everything runs per lane but the softmax's sum and Eq. 2's, which add 16 lanes in one order at any width."""
+    expected = every_kernels_outputs()
+    compiler = tmp_path / "c++"
+    compiler.write_text(f'#!/bin/sh\nexec c++ "$@" {narrower}\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path / "kernels"))
+    kernels.library.cache_clear()
+    try:
+        assert len(list((tmp_path / "kernels").glob("*.so"))) == 0 and kernels.library() is not None
+        narrow = every_kernels_outputs()
+    finally:
+        kernels.library.cache_clear()
+    assert len(narrow) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(narrow, expected))
+
+
+def test_the_cpu_model_names_its_vector_extension(monkeypatch):
+    """Virtual machines call CPUs of different widths "AMD EPYC": the build and the attention choices key on more."""
+    monkeypatch.setattr(kernels, "_cpuinfo", {"model name": "AMD EPYC", "flags": "fpu sse2 avx avx2 fma"}.get)
+    assert kernels.cpu_model() == "AMD EPYC (avx2)"
+    monkeypatch.setattr(kernels, "_cpuinfo", {"model name": "AMD EPYC", "flags": "sse2 avx avx2 avx512f"}.get)
+    assert kernels.cpu_model() == "AMD EPYC (avx512f)"
 
 
 def test_the_fp_model_can_pin_the_kernel(monkeypatch):
