@@ -182,13 +182,15 @@ inline void combine_extremes(const std::vector<float>& parts, int64_t workers, f
   }
 }
 
-// One (window, head) pair after another: K^T and V copied (quantized) into zero-padded rows of whole vectors, then
-// per query row the scores (vectors over keys; padded keys get -inf), softmax, quantized P, and P V.
+// One (window, head) pair after another: K^T and V copied (quantized) into rows of whole vectors, then per query row
+// the scores (vectors over keys; padded keys get -inf), softmax, quantized P, and P V. Padding lanes are computed
+// whole and never stored: a padded channel's value only reaches output lanes past d, and V's padded key rows stay 0
+// (their probabilities, Q(0), may not be), so that P V adds nothing for them.
 void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
   const int64_t n = p.tokens, d = p.dim;
   const int64_t key_vectors = (n + kLanes - 1) / kLanes, channel_vectors = (d + kLanes - 1) / kLanes;
   const int64_t keys = key_vectors * kLanes, channels = channel_vectors * kLanes;
-  std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(d), row(keys), bias_row(keys, -INFINITY);
+  std::vector<float> k_t(d * keys), v_rows(keys * channels), q_row(channels), row(keys), bias_row(keys, -INFINITY);
   std::vector<Floats> scores(key_vectors);
   Extremes extremes;
   int64_t picked = std::lower_bound(p.offsets, p.offsets + p.offset_count, first * n * n) - p.offsets;
@@ -196,40 +198,48 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
     const int64_t b = item / p.heads, h = item % p.heads;
     const float* k = p.k + b * p.ks[0] + h * p.ks[1];
     const float* v = p.v + b * p.vs[0] + h * p.vs[1];
-    std::fill(k_t.begin(), k_t.end(), 0.0f);
-    std::fill(v_rows.begin(), v_rows.end(), 0.0f);
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t c = 0; c < d; ++c) {
-        k_t[c * keys + j] = k[j * p.ks[2] + c * p.ks[3]];
-        v_rows[j * channels + c] = v[j * p.vs[2] + c * p.vs[3]];
+    for (int64_t j = 0; j < n; ++j)  // padded keys keep finite values: their scores are -inf whatever they are
+      for (int64_t c = 0; c < d; ++c) k_t[c * keys + j] = k[j * p.ks[2] + c * p.ks[3]];
+    for (int64_t j = 0; j < n; ++j) {
+      float* v_row = &v_rows[j * channels];
+      if (p.vs[3] == 1) {
+        std::copy(v + j * p.vs[2], v + j * p.vs[2] + d, v_row);
+      } else {
+        for (int64_t c = 0; c < d; ++c) v_row[c] = v[j * p.vs[2] + c * p.vs[3]];
       }
+      for (int64_t x = 0; x < channel_vectors; ++x)
+        store(v_row + x * kLanes, p.quantizers[3](load(v_row + x * kLanes)));
+    }
     for (int64_t c = 0; c < d; ++c)
       for (int64_t x = 0; x < key_vectors; ++x)
         store(&k_t[c * keys + x * kLanes], p.quantizers[1](load(&k_t[c * keys + x * kLanes])));
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t x = 0; x < channel_vectors; ++x) {
-        float* lanes = &v_rows[j * channels + x * kLanes];
-        const Floats quantized = p.quantizers[3](load(lanes));
-        for (int64_t lane = 0; lane < kLanes && x * kLanes + lane < d; ++lane) lanes[lane] = quantized[lane];
-      }
     const float* bias = p.bias + ((b % p.bias_windows) * p.heads + h) * n * n;
     const float* q = p.q + b * p.qs[0] + h * p.qs[1];
     float* out = p.out + (b * n * p.heads + h) * d;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t c = 0; c < d; ++c) q_row[c] = q[i * p.qs[2] + c * p.qs[3]] * p.scale;
-      for (int64_t c = 0; c < d; c += kLanes) {  // quantize Q's row a vector at a time
-        float lanes[kLanes] = {};
-        std::copy(&q_row[c], &q_row[c] + std::min(kLanes, d - c), lanes);
-        const Floats quantized = p.quantizers[0](load(lanes));
-        for (int64_t lane = 0; lane < kLanes && c + lane < d; ++lane) q_row[c + lane] = quantized[lane];
-      }
-      std::copy(bias + i * n, bias + (i + 1) * n, bias_row.begin());
+      for (int64_t c = 0; c < channels; c += kLanes) store(&q_row[c], p.quantizers[0](load(&q_row[c])));
+      const float* bias_in = bias + i * n;  // read in place when the keys fill whole vectors
+      if (n != keys) std::copy(bias_in, bias_in + n, bias_row.begin());
       Floats top = splat(-INFINITY);
-      for (int64_t x = 0; x < key_vectors; ++x) {
-        Floats s = load(&bias_row[x * kLanes]);
+      const float* bias_vectors = n == keys ? bias_in : bias_row.data();
+      int64_t x = 0;
+      for (; x + 4 <= key_vectors; x += 4) {  // four key vectors per pass: one broadcast of each Q element for four
+        Floats dots[4] = {};
+        for (int64_t c = 0; c < d; ++c) {
+          const Floats query = splat(q_row[c]);
+          const float* keys_c = &k_t[c * keys + x * kLanes];
+          for (int64_t u = 0; u < 4; ++u) dots[u] += query * load(keys_c + u * kLanes);
+        }
+        for (int64_t u = 0; u < 4; ++u) {
+          scores[x + u] = dots[u] + load(bias_vectors + (x + u) * kLanes);
+          top = maximum(top, scores[x + u]);
+        }
+      }
+      for (; x < key_vectors; ++x) {
         Floats dot = splat(0.0f);
         for (int64_t c = 0; c < d; ++c) dot += q_row[c] * load(&k_t[c * keys + x * kLanes]);
-        scores[x] = dot + s;
+        scores[x] = dot + load(bias_vectors + x * kLanes);
         top = maximum(top, scores[x]);
       }
       const float row_max = lane_max(top);
@@ -254,7 +264,7 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
         for (int64_t j = 0; j < keys; j += 4)
           for (int64_t part = 0; part < 4; ++part) sums[part] += row[j + part] * load(v_x + (j + part) * channels);
         const Floats result = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-        for (int64_t lane = 0; lane < kLanes && x * kLanes + lane < d; ++lane) out_row[x * kLanes + lane] = result[lane];
+        store_n(out_row + x * kLanes, result, std::min(kLanes, d - x * kLanes));
       }
     }
   }
