@@ -111,6 +111,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def build_id() -> str | None:
+    """The loaded library's name, ``kernels-`` and a hash of its source, flags, compiler and CPU (a changed kernel is a
+    new build), or None when the kernels are not built."""
+    lib = library()
+    return None if lib is None else Path(lib._name).stem
+
+
 def threads_kind() -> str | None:
     """How the kernels run in parallel: "OpenMP" (the process's OpenMP pool, PyTorch's when it uses libgomp),
     "std::thread" (a compiler without OpenMP), or None when they are not built."""

@@ -191,9 +191,10 @@ def attention_path(key: tuple, paths: dict[str, Callable[[], torch.Tensor]]) -> 
 
 
 def _machine_key(key: tuple) -> str:
-    """``key`` with what else decides the race: CPU model, torch version, threads (and the GPU on CUDA)."""
-    device = torch.cuda.get_device_name() if "cuda" in key else kernels.cpu_model()
-    return repr((device, torch.__version__, torch.get_num_threads(), *map(str, key)))
+    """``key`` with what else decides the race: the CPU model and quantlab's kernel build (a changed kernel races
+    again), torch version, threads (and the GPU on CUDA)."""
+    machine = (torch.cuda.get_device_name(),) if "cuda" in key else (kernels.cpu_model(), kernels.build_id())
+    return repr((*machine, torch.__version__, torch.get_num_threads(), *map(str, key)))
 
 
 def _choices_file() -> Path:

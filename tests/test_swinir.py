@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import quantlab
 from quantlab.checkpoints import CheckpointError, infer_config, load_model, save_model, to_official_keys
-from quantlab import swinir
+from quantlab import kernels, swinir
 from quantlab.swinir import RGB_MEAN, SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
 
 
@@ -231,6 +231,22 @@ def test_a_later_process_on_the_machine_keeps_the_stored_choice(monkeypatch, tmp
     finally:
         torch.set_num_threads(threads)
     assert len(json.loads((tmp_path / swinir.ATTENTION_CHOICES).read_text())) == 2
+
+
+def test_a_new_kernel_build_measures_again(monkeypatch, timed_paths):
+    """A stored choice belongs to the kernel build it was measured with: a changed kernel (another build) races the
+    paths again, since it may now win or lose."""
+    calls, path = timed_paths
+    paths = {"a": path("a", 0.05, 0.05), "b": path("b", 0.0, 0.0)}
+    monkeypatch.setattr(kernels, "build_id", lambda: "kernels-0000")
+    assert swinir.attention_path(("k",), paths).item() == 0.0 and calls == ["a", "b"]
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    calls.clear()
+    assert swinir.attention_path(("k",), paths).item() == 0.0 and calls == ["b"]  # the same build: stored
+    monkeypatch.setattr(swinir, "_chosen_paths", {})
+    monkeypatch.setattr(kernels, "build_id", lambda: "kernels-1111")
+    calls.clear()
+    assert swinir.attention_path(("k",), paths).item() == 0.0 and calls == ["a", "b"]
 
 
 MEASURING_PROCESS = """
