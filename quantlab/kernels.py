@@ -39,8 +39,9 @@ KERNELS_ENV = "QUANTLAB_KERNELS"  # "on" (default) or "off"
 QuantizerSpec = tuple[float, float, int] | None
 
 
+@functools.cache
 def _cpuinfo(field: str) -> str | None:
-    """The value of /proc/cpuinfo's first line ``field``, or None (no such file or line)."""
+    """The value of /proc/cpuinfo's first line ``field``, or None (no such file or line); read once per field."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
