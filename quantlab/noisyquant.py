@@ -147,18 +147,18 @@ class NoisySplitQuantLinear(SplitQuantLinear):
             self.add_module(name, NoisyQuantLinear(getattr(split, name)))
         self.parts = split.parts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """As :meth:`SplitQuantLinear.forward`; when the parts quantize alike (same range and N), one
+    def part_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """As :meth:`SplitQuantLinear.part_outputs`; when the parts quantize alike (same range and N), one
         matmul with the stacked quantized weights and denoising biases."""
         parts = [getattr(self, name) for name in self.parts]
         acts = [part.act for part in parts]
         if torch.is_grad_enabled() or any(has_hooks(p) for p in parts) or not quantize_alike(acts):
-            return super().forward(x)  # parts on their own inputs, or the acts all pass x through (FP bias)
+            return super().part_outputs(x)  # parts on their own inputs, or the acts all pass x through (FP bias)
         if not all(torch.equal(act.bias, acts[0].bias) for act in acts):
-            return torch.cat([part(x) for part in parts], dim=-1)
+            return [part(x) for part in parts]
         weights = [part.weight(part.linear.weight) for part in parts]
         bias = torch.cat([part.denoising_bias(w) for part, w in zip(parts, weights)])
-        return F.linear(acts[0](x), torch.cat(weights), bias)
+        return list(F.linear(acts[0](x), torch.cat(weights), bias).split([w.shape[0] for w in weights], dim=-1))
 
 
 def prepare(qmodel: nn.Module, config: MethodConfig | None = None) -> nn.Module:

@@ -104,8 +104,13 @@ class WindowAttention(nn.Module):
         """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None. softmax(Q·K^T / sqrt(d) + bias + mask)·V,
         the bias and mask added once per call as one (W, heads, N, N) term (:meth:`attend`)."""
         bw, n, c = x.shape
-        q, k, v = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.queries_keys_values(x)
         return self.proj(self.attend(q, k, v, self.attention_bias(n, mask)).transpose(1, 2).reshape(bw, n, c))
+
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B * nW, N, C) -> q, k, v: (B * nW, heads, N, C / heads) each, views of the qkv projection's output."""
+        bw, n, c = x.shape
+        return self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind()
 
     def attention_bias(self, n: int, mask: torch.Tensor | None) -> torch.Tensor:
         """The relative-position bias of N = ``n`` tokens, (1, heads, N, N), plus ``mask`` (nW, N, N) when

@@ -497,8 +497,8 @@ def test_calibration_through_the_in_place_attention_sees_the_explicit_attentions
 def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_and_patches):
     """Inference quantizes the shared q/k/v input once when the three input quantizers have the same
     bits and bounds, and runs one matmul (same output as three parts); hooks, different bounds, or
-    autograd run the parts (different bounds: each part's matmul into its columns of one output, the values of
-    concatenating the three)."""
+    autograd run the parts (different bounds: each part's matmul into its own output, which the attention takes as
+    its q, k and v without concatenating them; the qkv layer itself gives the three side by side)."""
     model, patches = tiny_model_and_patches
     qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=3)), patches)
     qkv = qmodel.layers[0].blocks[0].attn.qkv
@@ -528,7 +528,16 @@ def test_qkv_input_is_quantized_once_when_the_three_quantizers_agree(tiny_model_
     with torch.no_grad():
         assert not torch.equal(qmodel(patches), shared)
     assert calls == ["q", "k", "v"]
-    tokens = torch.randn(2, 16, qkv.q.linear.in_features)  # distinct inputs: each part's GEMM into its columns
+    tokens = torch.randn(2, 16, qkv.q.linear.in_features)  # distinct inputs: each part's GEMM into its own output
+    attn = qmodel.layers[0].blocks[0].attn
     with torch.no_grad():
         parts = [getattr(qkv, name) for name in qkv.parts]
-        assert torch.equal(qkv(tokens), torch.cat([part.project(part.act(tokens)) for part in parts], dim=-1))
+        expected = torch.cat([part.project(part.act(tokens)) for part in parts], dim=-1)
+        assert torch.equal(qkv(tokens), expected)
+        heads = attn.num_heads
+        q_k_v = attn.queries_keys_values(tokens)
+        assert all(t.transpose(1, 2).is_contiguous() for t in q_k_v)  # not views of one concatenated output
+        assert torch.equal(torch.cat([t.transpose(1, 2).flatten(2) for t in q_k_v], dim=-1), expected)
+        qkv.register_forward_hook(lambda *args: None)  # a hooked qkv layer is called, its output split as in FP
+        assert torch.equal(torch.stack(attn.queries_keys_values(tokens)),
+                           expected.view(2, 16, 3, heads, -1).permute(2, 0, 3, 1, 4))
