@@ -40,7 +40,6 @@ typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 inline Floats splat(float x) { return Floats{} + x; }
 // A NaN in ``a`` is kept (as torch's clamp and max keep it), so a NaN input gives a NaN output, never a bound.
 inline Floats maximum(Floats a, Floats b) { return a > b || a != a ? a : b; }
-inline Floats minimum(Floats a, Floats b) { return a < b || a != a ? a : b; }
 inline Floats load(const float* x) { Floats v; std::memcpy(&v, x, sizeof v); return v; }
 inline void store(float* x, Floats v) { std::memcpy(x, &v, sizeof v); }
 
@@ -102,11 +101,15 @@ struct Quantizer {  // Eq. 1 on [lower, lower + levels * step]; off: pass-throug
   bool on;
   float lower, step, levels;
 
-  Floats operator()(Floats x) const {
-    if (!on) return x;
-    const Floats level = minimum(maximum((x - lower) / step, splat(0.0f)), splat(levels));
-    return round_nonnegative(level) * step + lower;
+  // c_hat = clip((x - l) / s, 0, n) in one max and one min instruction: the bound as the comparison's first operand
+  // keeps a NaN in x (as torch.clamp does); -0 stays -0, which rounding makes +0.
+  Floats level(Floats x) const {
+    const Floats scaled = (x - lower) / step, zero = splat(0.0f), top = splat(levels);
+    const Floats positive = zero > scaled ? zero : scaled;
+    return top < positive ? top : positive;
   }
+
+  Floats operator()(Floats x) const { return on ? round_nonnegative(level(x)) * step + lower : x; }
 };
 
 struct Problem {
@@ -307,8 +310,7 @@ void quantize_train_range(const float* x, float* out, float* residual, int64_t f
                           Quantizer quantizer) {
   for (int64_t i = first; i < last; i += kLanes) {
     const int64_t lanes = std::min(kLanes, last - i);
-    const Floats level = minimum(maximum((load_n(x + i, lanes) - quantizer.lower) / quantizer.step, splat(0.0f)),
-                                 splat(quantizer.levels));
+    const Floats level = quantizer.level(load_n(x + i, lanes));
     const Floats rounded = round_nonnegative(level);
     store_n(out + i, rounded * quantizer.step + quantizer.lower, lanes);
     store_n(residual + i, rounded - level, lanes);
