@@ -27,7 +27,7 @@ from quantlab import calibrate, kernels, load_model, quant
 from quantlab.data import calibration_patches
 from quantlab.evaluation import evaluate, summarize
 from quantlab.quant import QuantConfig, quantize
-from quantlab.swinir import SwinIR, WindowAttention
+from quantlab.swinir import SwinIR, WindowAttention, masked_bias
 
 
 class Autocast(nn.Module):
@@ -43,20 +43,21 @@ class Autocast(nn.Module):
 
 
 def premasked(model: SwinIR) -> SwinIR:
-    """A copy whose attentions add one (nW, heads, N, N) bias with the shift mask pre-added, computed once
-    per mask shape (inference weights are frozen), instead of ``mask + bias`` in every call."""
+    """A copy whose attentions get one (nW, heads, N, N) bias with the shift mask pre-added, computed once per
+    mask shape (inference weights are frozen), instead of the bias and the mask apart in every call (which
+    quantlab's kernel adds as it reads them, the other paths as ``masked_bias`` per call)."""
     model = copy.deepcopy(model)
 
-    def attention_bias(self: WindowAttention, n: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self: WindowAttention, q, k, v, bias: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         key = None if mask is None else tuple(mask.shape)
         if key not in self.biases:
-            self.biases[key] = WindowAttention.attention_bias(self, n, mask)
-        return self.biases[key]
+            self.biases[key] = masked_bias(bias, mask)
+        return WindowAttention.attend(self, q, k, v, self.biases[key])
 
     for module in model.modules():
         if isinstance(module, WindowAttention):
             module.biases = {}
-            module.attention_bias = types.MethodType(attention_bias, module)
+            module.attend = types.MethodType(attend, module)
     return model
 
 

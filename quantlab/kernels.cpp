@@ -5,7 +5,7 @@
 // - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
 //   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does);
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
-// - window_attention: softmax(Q K^T * scale + bias) V in one pass per (window, head), one query row at a time in
+// - window_attention: softmax(Q K^T * scale + bias (+ mask)) V in one pass per (window, head), one query row at a time in
 //   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
 //   and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
 //   given positions.
@@ -113,9 +113,9 @@ struct Quantizer {  // Eq. 1 on [lower, lower + levels * step]; off: pass-throug
 };
 
 struct Problem {
-  const float *q, *k, *v, *bias;
+  const float *q, *k, *v, *bias, *mask;  // mask: nullptr, or (mask_windows, tokens, tokens), added to the bias
   int64_t qs[4], ks[4], vs[4];  // element strides of (batch, head, token, channel)
-  int64_t bias_windows, batch, heads, tokens, dim;
+  int64_t bias_windows, mask_windows, batch, heads, tokens, dim;
   float scale;
   Quantizer quantizers[4];  // Q, K, softmax output, V
   float* out;               // (batch, tokens, heads, dim), contiguous
@@ -217,15 +217,25 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
       for (int64_t x = 0; x < key_vectors; ++x)
         store(&k_t[c * keys + x * kLanes], p.quantizers[1](load(&k_t[c * keys + x * kLanes])));
     const float* bias = p.bias + ((b % p.bias_windows) * p.heads + h) * n * n;
+    const float* mask = p.mask ? p.mask + (b % p.mask_windows) * n * n : nullptr;
     const float* q = p.q + b * p.qs[0] + h * p.qs[1];
     float* out = p.out + (b * n * p.heads + h) * d;
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t c = 0; c < d; ++c) q_row[c] = q[i * p.qs[2] + c * p.qs[3]] * p.scale;
       for (int64_t c = 0; c < channels; c += kLanes) store(&q_row[c], p.quantizers[0](load(&q_row[c])));
-      const float* bias_in = bias + i * n;  // read in place when the keys fill whole vectors
-      if (n != keys) std::copy(bias_in, bias_in + n, bias_row.begin());
-      Floats top = splat(-INFINITY);
+      // The bias (plus the mask: mask + bias, as one tensor of them holds it) read in place when the keys fill
+      // whole vectors, else from a copy padded with -inf.
+      const float* bias_in = bias + i * n;
+      const float* mask_in = mask ? mask + i * n : nullptr;
+      if (n != keys)
+        for (int64_t j = 0; j < n; ++j) bias_row[j] = mask_in ? mask_in[j] + bias_in[j] : bias_in[j];
       const float* bias_vectors = n == keys ? bias_in : bias_row.data();
+      const float* mask_vectors = n == keys ? mask_in : nullptr;
+      auto bias_at = [&](int64_t x) {
+        const Floats position = load(bias_vectors + x * kLanes);
+        return mask_vectors ? load(mask_vectors + x * kLanes) + position : position;
+      };
+      Floats top = splat(-INFINITY);
       int64_t x = 0;
       for (; x + 4 <= key_vectors; x += 4) {  // four key vectors per pass: one broadcast of each Q element for four
         Floats dots[4] = {};
@@ -235,14 +245,14 @@ void attend(const Problem& p, int64_t worker, int64_t first, int64_t last) {
           for (int64_t u = 0; u < 4; ++u) dots[u] += query * load(keys_c + u * kLanes);
         }
         for (int64_t u = 0; u < 4; ++u) {
-          scores[x + u] = dots[u] + load(bias_vectors + (x + u) * kLanes);
+          scores[x + u] = dots[u] + bias_at(x + u);
           top = maximum(top, scores[x + u]);
         }
       }
       for (; x < key_vectors; ++x) {
         Floats dot = splat(0.0f);
         for (int64_t c = 0; c < d; ++c) dot += q_row[c] * load(&k_t[c * keys + x * kLanes]);
-        scores[x] = dot + load(bias_vectors + x * kLanes);
+        scores[x] = dot + bias_at(x);
         top = maximum(top, scores[x]);
       }
       const float row_max = lane_max(top);
@@ -483,16 +493,18 @@ extern "C" int histogram(const float* x, int64_t count, float lower, float upper
 }
 
 extern "C" int window_attention(const float* q, const float* k, const float* v, const int64_t* strides,
-                                const float* bias, int64_t bias_windows, float* out, int64_t batch, int64_t heads,
+                                const float* bias, int64_t bias_windows, const float* mask, int64_t mask_windows,
+                                float* out, int64_t batch, int64_t heads,
                                 int64_t tokens, int64_t dim, float scale, const float* quantizers,
                                 float* probabilities, const int64_t* offsets, int64_t offset_count, float* sample,
                                 float* extremes, int threads) {
-  // strides: 12 element strides, (batch, head, token, channel) of q, k, v in turn. quantizers: nullptr, or 16
+  // strides: 12 element strides, (batch, head, token, channel) of q, k, v in turn. mask: nullptr, or mask_windows
+  // (tokens, tokens) masks added to the bias (window b gets mask b % mask_windows). quantizers: nullptr, or 16
   // floats (on, lower, step, levels) for Q, K, softmax output, V. probabilities: nullptr, or where to write the
   // (quantized) softmax output. extremes: nullptr, or where its min and max go; then sample gets its elements at the
   // offset_count sorted flat positions ``offsets``. Returns 0.
   std::vector<float> worker_extremes(2 * std::max(threads, 1));
-  Problem p{q, k, v, bias, {}, {}, {}, bias_windows, batch, heads, tokens, dim, scale, {}, out, probabilities,
+  Problem p{q, k, v, bias, mask, {}, {}, {}, bias_windows, mask_windows, batch, heads, tokens, dim, scale, {}, out, probabilities,
             offsets, offset_count, sample, extremes ? worker_extremes.data() : nullptr};
   std::copy(strides, strides + 4, p.qs);
   std::copy(strides + 4, strides + 8, p.ks);

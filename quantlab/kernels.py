@@ -107,7 +107,8 @@ def library() -> ctypes.CDLL | None:
     lib.uses_openmp.argtypes = []
     lib.candidate_errors.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
+    lib.window_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                                              ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
         ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
     return lib
 
@@ -258,9 +259,12 @@ def histogram(x: torch.Tensor, bins: int, lower: float, upper: float) -> torch.T
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
                      quantizers: tuple[QuantizerSpec, QuantizerSpec, QuantizerSpec, QuantizerSpec] | None = None,
                      probabilities: torch.Tensor | None = None,
-                     summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """softmax(Q K^T ``scale`` + bias) V. q, k, v: (B * W, heads, N, d), any strides (e.g. views of the qkv
-    projection); bias: (W, heads, N, N), W windows per image (or 1 for all). ``quantizers``: the specs of Q (after
+                     summary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q K^T ``scale`` + bias (+ mask)) V. q, k, v: (B * W, heads, N, d), any strides (e.g. views of the qkv
+    projection); bias: (W, heads, N, N), W windows per image (or 1 for all); ``mask``: None or (M, N, N), M windows
+    per image, added to the bias as ``mask[:, None] + bias`` would (the same values without that (M, heads, N, N)
+    tensor in memory). ``quantizers``: the specs of Q (after
     the scale), K, the softmax output and V, as :meth:`WindowAttention.explicit_attention` quantizes them through
     its matmuls; ``probabilities``: a contiguous (B * W, heads, N, N) tensor to receive the (quantized) softmax
     output (for an observer), or None (no attention map in memory); ``summary``: (offsets, values, extremes) for an
@@ -269,12 +273,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     (one float each), without the map in memory. Returns (B * W, heads, N, d): a view of a
     (B * W, N, heads, d) tensor, so that the tokens' layout the projection wants (``.transpose(1, 2).reshape(B * W,
     N, heads * d)``) is free. Within ~1e-6 of the explicit attention (another summation order and exp)."""
-    if not all(map(runs_on, (q, k, v, bias))) or torch.is_grad_enabled() and q.requires_grad:
+    if not all(map(runs_on, (q, k, v, bias, *([] if mask is None else [mask])))) or (
+            torch.is_grad_enabled() and q.requires_grad):
         raise ValueError("the attention kernel needs float32 CPU tensors without grad and a C++ compiler to build it")
     windows, heads, tokens, dim = q.shape
     if k.shape != q.shape or v.shape != q.shape or bias.shape[1:] != (heads, tokens, tokens):
         raise ValueError(f"q, k, v must be (B * W, heads, N, d) alike and bias (W, heads, N, N); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(bias.shape)}")
+    if mask is not None and mask.shape[1:] != (tokens, tokens):
+        raise ValueError(f"mask must be (M, N, N) with N = {tokens}; got {tuple(mask.shape)}")
     if probabilities is not None and not (probabilities.shape == (windows, heads, tokens, tokens)
                                           and probabilities.is_contiguous() and runs_on(probabilities)):
         raise ValueError(f"probabilities must be a contiguous float32 CPU tensor {(windows, heads, tokens, tokens)}")
@@ -289,13 +296,15 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
         raise ValueError("summary must be (offsets, values, extremes): sorted int64 flat positions in the softmax "
                          "output, a float32 CPU tensor of their length and one of 2 floats, all contiguous")
     bias = bias.contiguous()
+    mask = None if mask is None else mask.contiguous()
     out = q.new_empty(windows, tokens, heads, dim)
     strides = torch.tensor([*q.stride(), *k.stride(), *v.stride()], dtype=torch.int64)
     specs = None if quantizers is None else torch.tensor(
         [value for spec in quantizers for value in ((0.0, 0.0, 1.0, 1.0) if spec is None else (1.0, *spec))],
         dtype=torch.float32)
     library().window_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), strides.data_ptr(), bias.data_ptr(),
-                               bias.shape[0], out.data_ptr(), windows, heads, tokens, dim, scale,
+                               bias.shape[0], None if mask is None else mask.data_ptr(),
+                               1 if mask is None else mask.shape[0], out.data_ptr(), windows, heads, tokens, dim, scale,
                                None if specs is None else specs.data_ptr(),
                                None if probabilities is None else probabilities.data_ptr(), offsets.data_ptr(),
                                len(offsets), None if values is None else values.data_ptr(),

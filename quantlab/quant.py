@@ -27,7 +27,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import QuantizerSpec
-from .swinir import WindowAttention, has_hooks
+from .swinir import WindowAttention, has_hooks, masked_bias
 
 MIN_BITS, MAX_BITS = 2, 8
 MIN_RANGE = 1e-6  # u is raised to l + MIN_RANGE when u <= l + MIN_RANGE: never a zero or negative step
@@ -401,8 +401,9 @@ class QuantWindowAttention(WindowAttention):
         q, k, v = (part.view(bw, n, self.num_heads, -1).transpose(1, 2) for part in self.qkv.part_outputs(x))
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """As :meth:`WindowAttention.attend`: with grad disabled and unhooked matmuls (a hook must see their
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`WindowAttention.attend` (the kernel adds the mask itself): with grad disabled and unhooked matmuls (a hook must see their
         operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
         tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
         switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of
@@ -411,18 +412,18 @@ class QuantWindowAttention(WindowAttention):
         runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`), else in one run. Training
         runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
-            return self.explicit_attention(q, k, v, bias)
+            return self.explicit_attention(q, k, v, masked_bias(bias, mask))
         operands = [getattr(matmul, name) for matmul in (self.matmul_qk, self.matmul_av) for name in matmul.names]
         if not (kernels.runs_on(q) and all(op.runs_plain() and not op.per_channel for op in operands)):
             whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
-            return self.chunked_attention(q, k, v, bias, whole)
+            return self.chunked_attention(q, k, v, masked_bias(bias, mask), whole)
         shape = torch.Size((*q.shape[:-1], q.shape[-2]))
         sampler = operands[2].sample_offsets if operands[2].mode == "observe" else None
         offsets = sampler(torch.empty(shape, device="meta")) if sampler else None
         probabilities = q.new_empty(shape) if operands[2].mode == "observe" and offsets is None else None
         summary = None if offsets is None else (offsets, q.new_empty(len(offsets)), q.new_empty(2))
         out = kernels.window_attention(q, k, v, bias, self.scale, tuple(op.kernel_spec() for op in operands),
-                                       probabilities, summary)
+                                       probabilities, summary, mask=mask)
         attention_map = (lambda: probabilities) if summary is None else (
             lambda: TensorSample(shape, summary[2][0], summary[2][1], summary[1]))
         observed = (lambda: q * self.scale, lambda: k.transpose(-2, -1), attention_map, lambda: v)

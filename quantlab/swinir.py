@@ -10,6 +10,7 @@ modules of the same names, so this file knows nothing of quantization. Module na
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import time
@@ -101,11 +102,11 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None. softmax(Q·K^T / sqrt(d) + bias + mask)·V,
-        the bias and mask added once per call as one (W, heads, N, N) term (:meth:`attend`)."""
+        """x: (B * nW, N, C) window tokens; mask: (nW, N, N) or None. softmax(Q·K^T / sqrt(d) + bias + mask)·V
+        (:meth:`attend` adds the bias and mask)."""
         bw, n, c = x.shape
         q, k, v = self.queries_keys_values(x)
-        return self.proj(self.attend(q, k, v, self.attention_bias(n, mask)).transpose(1, 2).reshape(bw, n, c))
+        return self.proj(self.attend(q, k, v, self.attention_bias(n, None), mask).transpose(1, 2).reshape(bw, n, c))
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B * nW, N, C) -> q, k, v: (B * nW, heads, N, C / heads) each, views of the qkv projection's output."""
@@ -117,21 +118,24 @@ class WindowAttention(nn.Module):
         given: (nW, heads, N, N); contiguous, so that the softmax rows read it with unit stride (a
         heads-last layout made the fused kernel and the quantized path's bias add ~10% slower)."""
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        bias = bias.permute(2, 0, 1).contiguous()[None]
-        return bias if mask is None else mask[:, None] + bias
+        return masked_bias(bias.permute(2, 0, 1).contiguous()[None], mask)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N) -> (B * W, heads, N, d). Training, and a
-        hooked ``matmul_qk``/``matmul_av`` (the hook must see its operands), run :meth:`explicit_attention`;
-        inference runs the fastest for these shapes (:func:`attention_path`) of it, PyTorch's fused kernel and
-        quantlab's own (:mod:`quantlab.kernels`, when it builds here)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: (B * W, heads, N, d); bias: (W, heads, N, N); mask: None or (W, N, N) with a bias of one window
+        -> (B * W, heads, N, d). Training, and a hooked ``matmul_qk``/``matmul_av`` (the hook must see its
+        operands), run :meth:`explicit_attention`; inference runs the fastest for these shapes
+        (:func:`attention_path`) of it, PyTorch's fused kernel and quantlab's own (:mod:`quantlab.kernels`, when it
+        builds here), which adds the mask itself: the others get one (W, heads, N, N) term (:func:`masked_bias`)."""
+        masked = functools.cache(lambda: masked_bias(bias, mask))
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
-            return self.explicit_attention(q, k, v, bias)
-        paths = {"fused": lambda: fused_attention(q, k, v, bias, self.scale),
-                 "explicit": lambda: self.explicit_attention(q, k, v, bias)}
+            return self.explicit_attention(q, k, v, masked())
+        paths = {"fused": lambda: fused_attention(q, k, v, masked(), self.scale),
+                 "explicit": lambda: self.explicit_attention(q, k, v, masked())}
         if kernels.runs_on(q):
-            paths["kernel"] = lambda: kernels.window_attention(q, k, v, bias, self.scale)
-        return attention_path((*q.shape, *bias.shape, q.dtype, q.device.type), paths)
+            paths["kernel"] = lambda: kernels.window_attention(q, k, v, bias, self.scale, mask=mask)
+        windows = bias.shape[0] if mask is None else mask.shape[0]
+        return attention_path((*q.shape, windows, *bias.shape[1:], q.dtype, q.device.type), paths)
 
     def explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """The official two-matmul attention through ``matmul_qk`` and ``matmul_av``; shapes as :meth:`attend`
@@ -140,6 +144,12 @@ class WindowAttention(nn.Module):
         attn = self.matmul_qk(q * self.scale, k_t)
         attn = (attn.view(-1, bias.shape[0], *attn.shape[1:]) + bias).view(attn.shape)
         return self.matmul_av(attn.softmax(dim=-1), v)
+
+
+def masked_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention's additive term: ``bias`` (1, heads, N, N) plus ``mask`` (nW, N, N) when given, (nW, heads,
+    N, N); the bias itself without a mask."""
+    return bias if mask is None else mask[:, None] + bias
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -40,10 +40,32 @@ def test_kernel_equals_the_explicit_attention(windows, bias_windows, heads, toke
     assert (out - explicit(q, k, v, bias, scale)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("windows, mask_windows, heads, tokens, dim", [
+    (8, 4, 6, 64, 10),  # SwinIR-light's windows, 2 images of 4
+    (6, 3, 2, 49, 20),  # keys that fill no whole vector: the masked bias goes through the padded copy
+])
+def test_a_mask_given_apart_gives_the_values_of_the_bias_it_was_added_to(windows, mask_windows, heads, tokens, dim):
+    """``mask=`` (M, N, N) beside a bias of one window gives bit for bit the output (and the quantized softmax
+    output) of that bias with the mask added, ``masked_bias``, as the FP and quantized models did before."""
+    q, k, v = qkv_views(windows, heads, tokens, dim)
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(1, heads, tokens, tokens, generator=gen)
+    mask = torch.where(torch.rand(mask_windows, tokens, tokens, generator=gen) < 0.3, -100.0, 0.0)
+    masked = swinir.masked_bias(bias, mask)
+    specs = ((-1.5, 0.2, 15), (-2.0, 0.3, 15), (0.0, 0.04, 15), (-2.0, 0.25, 15))
+    for quantizers in (None, specs):
+        apart, added = (torch.empty(windows, heads, tokens, tokens) for _ in range(2))
+        assert torch.equal(kernels.window_attention(q, k, v, bias, 0.3, quantizers, apart, mask=mask),
+                           kernels.window_attention(q, k, v, masked, 0.3, quantizers, added))
+        assert torch.equal(apart, added)
+
+
 def test_kernel_refuses_mismatched_shapes():
     q, k, v = qkv_views(4, 2, 16, 4)
     with pytest.raises(ValueError, match=r"bias \(W, heads, N, N\)"):
         kernels.window_attention(q, k, v, torch.zeros(1, 2, 16, 15), 0.5)
+    with pytest.raises(ValueError, match=r"mask must be \(M, N, N\)"):
+        kernels.window_attention(q, k, v, torch.zeros(1, 2, 16, 16), 0.5, mask=torch.zeros(2, 16, 15))
 
 
 def quantized_attention(bits: int = 4) -> tuple[QuantWindowAttention, torch.Tensor, torch.Tensor]:
@@ -106,7 +128,7 @@ def test_kernel_is_skipped_where_it_cannot_run_the_quantizers(monkeypatch):
     attn, x, mask = quantized_attention()
     calls = []
     kernel = kernels.window_attention
-    monkeypatch.setattr(kernels, "window_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(kernels, "window_attention", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     run(attn, x, mask, monkeypatch, "auto")
     assert calls == [1]
     run(attn, x, mask, monkeypatch, "pytorch")
@@ -259,7 +281,7 @@ def test_the_fp_model_can_pin_the_kernel(monkeypatch):
     x = torch.randn(8, 64, 60)
     calls = []
     kernel = kernels.window_attention
-    monkeypatch.setattr(kernels, "window_attention", lambda *args: calls.append(1) or kernel(*args))
+    monkeypatch.setattr(kernels, "window_attention", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
     pinned = run(attn, x, None, monkeypatch, "kernel")
     assert calls == [1]
     assert (pinned - run(attn, x, None, monkeypatch, "pytorch")).abs().max() <= 1e-5
@@ -387,7 +409,8 @@ def test_dobi_from_the_kernels_samples_equals_dobi_on_the_written_maps(monkeypat
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     summaries, sweeps = [], []
     kernel, summarize = kernels.window_attention, kernels.summarize
-    monkeypatch.setattr(kernels, "window_attention", lambda *args: summaries.append(args[-1]) or kernel(*args))
+    monkeypatch.setattr(kernels, "window_attention",
+                        lambda *args, **kw: summaries.append(args[-1]) or kernel(*args, **kw))
     monkeypatch.setattr(kernels, "summarize", lambda x, offsets: sweeps.append(len(offsets)) or summarize(x, offsets))
     sampled = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
     blocks = len(model.layers) * len(model.layers[0].blocks)
