@@ -5,9 +5,9 @@
 // - fake_quantize: Eq. 1 of 2DQuant in one pass, the same values as quantlab.quant.fake_quantize's eager ops
 //   (built with -ffp-contract=off: (x - l) / s, clamp, round half to even, * s, + l, each rounded as torch does);
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
-// - window_attention: softmax(Q K^T * scale + bias (+ mask)) V in one pass per (window, head), one query row at a time in
-//   registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax output
-//   and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
+// - window_attention: softmax(Q K^T * scale + bias (+ mask)) V in one pass per (window, head), one query row at a
+//   time in registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax
+//   output and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
 //   given positions.
 // - summarize: a tensor's min, max and elements at given positions in one sweep (DOBI's statistics); histogram:
 //   torch.histc's counts; candidate_errors: DOBI's squared errors of many bound candidates.
@@ -504,8 +504,8 @@ extern "C" int window_attention(const float* q, const float* k, const float* v, 
   // (quantized) softmax output. extremes: nullptr, or where its min and max go; then sample gets its elements at the
   // offset_count sorted flat positions ``offsets``. Returns 0.
   std::vector<float> worker_extremes(2 * std::max(threads, 1));
-  Problem p{q, k, v, bias, mask, {}, {}, {}, bias_windows, mask_windows, batch, heads, tokens, dim, scale, {}, out, probabilities,
-            offsets, offset_count, sample, extremes ? worker_extremes.data() : nullptr};
+  Problem p{q, k, v, bias, mask, {}, {}, {}, bias_windows, mask_windows, batch, heads, tokens, dim, scale, {}, out,
+            probabilities, offsets, offset_count, sample, extremes ? worker_extremes.data() : nullptr};
   std::copy(strides, strides + 4, p.qs);
   std::copy(strides + 4, strides + 8, p.ks);
   std::copy(strides + 8, strides + 12, p.vs);

@@ -403,8 +403,8 @@ class QuantWindowAttention(WindowAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """As :meth:`WindowAttention.attend` (the kernel adds the mask itself): with grad disabled and unhooked matmuls (a hook must see their
-        operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
+        """As :meth:`WindowAttention.attend` (the kernel adds the mask itself): with grad disabled and unhooked
+        matmuls (a hook must see their operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
         tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
         switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of
         :meth:`chunked_attention` (Q scaled, K^T, the softmax output, which the kernel writes only for an observer,

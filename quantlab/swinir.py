@@ -106,19 +106,19 @@ class WindowAttention(nn.Module):
         (:meth:`attend` adds the bias and mask)."""
         bw, n, c = x.shape
         q, k, v = self.queries_keys_values(x)
-        return self.proj(self.attend(q, k, v, self.attention_bias(n, None), mask).transpose(1, 2).reshape(bw, n, c))
+        return self.proj(self.attend(q, k, v, self.attention_bias(n), mask).transpose(1, 2).reshape(bw, n, c))
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B * nW, N, C) -> q, k, v: (B * nW, heads, N, C / heads) each, views of the qkv projection's output."""
         bw, n, c = x.shape
         return self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind()
 
-    def attention_bias(self, n: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """The relative-position bias of N = ``n`` tokens, (1, heads, N, N), plus ``mask`` (nW, N, N) when
-        given: (nW, heads, N, N); contiguous, so that the softmax rows read it with unit stride (a
-        heads-last layout made the fused kernel and the quantized path's bias add ~10% slower)."""
+    def attention_bias(self, n: int) -> torch.Tensor:
+        """The relative-position bias of N = ``n`` tokens, (1, heads, N, N); contiguous, so that the softmax rows read
+        it with unit stride (a heads-last layout made the fused kernel and the quantized path's bias add ~10%
+        slower)."""
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return masked_bias(bias.permute(2, 0, 1).contiguous()[None], mask)
+        return bias.permute(2, 0, 1).contiguous()[None]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:

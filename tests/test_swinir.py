@@ -168,12 +168,12 @@ def test_attention_bias_is_contiguous_with_and_without_mask():
     attn = swinir.WindowAttention(dim=12, num_heads=3, window=4)
     n = 16
     mask = shifted_window_mask(8, 8, 4, 2)
-    for bias in (attn.attention_bias(n, None), attn.attention_bias(n, mask)):
+    for bias in (attn.attention_bias(n), swinir.masked_bias(attn.attention_bias(n), mask)):
         assert bias.is_contiguous() and bias.shape[1:] == (3, n, n)
     index = relative_position_index(4)
     expected = attn.relative_position_bias_table[index.reshape(-1)].reshape(n, n, 3).permute(2, 0, 1)
-    assert torch.equal(attn.attention_bias(n, None)[0], expected)
-    assert torch.equal(attn.attention_bias(n, mask), mask[:, None] + expected)
+    assert torch.equal(attn.attention_bias(n)[0], expected)
+    assert torch.equal(swinir.masked_bias(attn.attention_bias(n), mask), mask[:, None] + expected)
 
 
 @pytest.fixture
