@@ -349,6 +349,19 @@ def test_sampled_values_of_a_strided_view_are_those_of_its_flat_copy(layout):
     assert dobi_search(x, 3, sample=500, bins=64) == dobi_search(x.contiguous(), 3, sample=500, bins=64)
 
 
+def test_a_dobi_calibration_does_not_import_sympy():
+    """A process's first DOBI pays no ~0.4 s import of sympy (torch.unravel_index's first call imports it)."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from quantlab import calibrate, quant;"
+              "from quantlab.swinir import SwinIR, SwinIRConfig;"
+              "m = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)).eval();"
+              "calibrate.dobi(quant.quantize(m), torch.rand(2, 3, 32, 32), sample=64);"
+              "assert 'sympy' not in sys.modules, 'sympy imported'")
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
 @pytest.mark.parametrize("view", ["q", "k_t", "v", "scaled q", "transposed", "expanded", "size-1 dims", "0-d"])
 def test_the_swept_view_holds_the_same_elements(view):
     """swept_view (for min/max in one memory sweep) keeps every element of each layout the calibration meets (views
