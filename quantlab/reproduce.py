@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import papermill
-
 from .methods import table_rows
 
 
@@ -120,6 +118,8 @@ def run_notebook(name: str, parameters: dict, executed_dir: str | Path, folder: 
                  kernel: str | None = None) -> Path:
     """Execute ``notebooks/<name>.ipynb`` with ``parameters`` (papermill, cwd = the notebook folder)
     into ``executed_dir/<name>.ipynb``; raise :class:`NotebookFailed` naming the failing cell."""
+    import papermill  # here, not at the top: its import (~3 s) would slow every quantlab command
+
     source = notebook_path(name, folder)
     target = Path(executed_dir) / source.name
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +135,8 @@ def run_notebook(name: str, parameters: dict, executed_dir: str | Path, folder: 
 def notebook_defaults(path: Path) -> dict:
     """{name: default} of the notebook's ``parameters`` cell (papermill.inspect_notebook), each default a
     Python literal; a default that is not one is a ValueError naming it."""
+    import papermill
+
     defaults = {}
     for name, parameter in papermill.inspect_notebook(str(path)).items():
         try:

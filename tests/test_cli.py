@@ -18,6 +18,12 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "quantlab", *args], capture_output=True, text=True, timeout=600)
 
 
+def test_the_cli_does_not_import_the_notebook_runner():
+    """papermill (~3 s to import) is imported only by ``quantlab reproduce``, not by every quantlab command."""
+    check = "import sys, quantlab.cli; assert 'papermill' not in sys.modules, 'papermill imported'"
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
 def test_eval_json_for_bicubic(capsys):
     main(["eval", "--model", "bicubic", "--scale", "3", "--datasets", "Set5", "--json"])
     result = json.loads(capsys.readouterr().out)
