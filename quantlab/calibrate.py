@@ -157,8 +157,9 @@ def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: in
     tensor of this shape and strides (:func:`seeded_positions`, the same on every device); the same picks
     for every tensor of the layout, drawn once."""
     picks = seeded_positions(math.prod(shape), sample)
-    offsets = torch.zeros_like(picks)  # unravelled row-major here: torch.unravel_index's first call imports sympy
-    for size, stride in zip(reversed(shape), reversed(strides)):  # (~0.4 s per process)
+    # Unravelled row-major here: torch.unravel_index's first call in a process imports sympy (~0.4 s).
+    offsets = torch.zeros_like(picks)
+    for size, stride in zip(reversed(shape), reversed(strides)):
         offsets += picks % size * stride
         picks = picks // size
     return offsets.sort().values.to(device)

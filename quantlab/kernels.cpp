@@ -7,8 +7,8 @@
 //   fake_quantize_train also writes the rounding residual r - c_hat, fake_quantize_backward gives Eq. 2.
 // - window_attention: softmax(Q K^T * scale + bias (+ mask)) V in one pass per (window, head), one query row at a
 //   time in registers (no attention map in memory), optionally fake-quantizing Q (after the scale), K, the softmax
-//   output and V; for a calibration, optionally the softmax output written out, or only its min, max and the elements at
-//   given positions.
+//   output and V; for a calibration, optionally the softmax output written out, or only its min, max and the
+//   elements at given positions.
 // - summarize: a tensor's min, max and elements at given positions in one sweep (DOBI's statistics); histogram:
 //   torch.histc's counts; candidate_errors: DOBI's squared errors of many bound candidates.
 #include <algorithm>

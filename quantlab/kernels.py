@@ -273,8 +273,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     (one float each), without the map in memory. Returns (B * W, heads, N, d): a view of a
     (B * W, N, heads, d) tensor, so that the tokens' layout the projection wants (``.transpose(1, 2).reshape(B * W,
     N, heads * d)``) is free. Within ~1e-6 of the explicit attention (another summation order and exp)."""
-    if not all(map(runs_on, (q, k, v, bias, *([] if mask is None else [mask])))) or (
-            torch.is_grad_enabled() and q.requires_grad):
+    operands = (q, k, v, bias) if mask is None else (q, k, v, bias, mask)
+    if not all(map(runs_on, operands)) or torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("the attention kernel needs float32 CPU tensors without grad and a C++ compiler to build it")
     windows, heads, tokens, dim = q.shape
     if k.shape != q.shape or v.shape != q.shape or bias.shape[1:] != (heads, tokens, tokens):

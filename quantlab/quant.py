@@ -404,13 +404,13 @@ class QuantWindowAttention(WindowAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """As :meth:`WindowAttention.attend` (the kernel adds the mask itself): with grad disabled and unhooked
-        matmuls (a hook must see their operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four quantizers are plain and per
-        tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here (:func:`quantlab.kernels.runs_on`: built, not
-        switched off by ``QUANTLAB_KERNELS=off``); observing quantizers then get the tensors of
-        :meth:`chunked_attention` (Q scaled, K^T, the softmax output, which the kernel writes only for an observer,
-        or only samples for one that asks so (:class:`TensorSample`), and V). Else :meth:`chunked_attention`, in
-        runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`), else in one run. Training
-        runs the explicit attention over the whole batch."""
+        matmuls (a hook must see their operands), quantlab's attention kernel (:mod:`quantlab.kernels`) when the four
+        quantizers are plain and per tensor (:meth:`FakeQuantizer.runs_plain`) and it runs here
+        (:func:`quantlab.kernels.runs_on`: built, not switched off by ``QUANTLAB_KERNELS=off``); observing quantizers
+        then get the tensors of :meth:`chunked_attention` (Q scaled, K^T, the softmax output, which the kernel writes
+        only for an observer, or only samples for one that asks so (:class:`TensorSample`), and V). Else
+        :meth:`chunked_attention`, in runs of windows when the matmuls are sliceable (:attr:`QuantMatMul.sliceable`),
+        else in one run. Training runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
             return self.explicit_attention(q, k, v, masked_bias(bias, mask))
         operands = [getattr(matmul, name) for matmul in (self.matmul_qk, self.matmul_av) for name in matmul.names]

@@ -1,4 +1,7 @@
 """Fake quantizer (Eq. 1 and 2), model quantization and calibration (MinMax, Percentile, DOBI)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -351,9 +354,6 @@ def test_sampled_values_of_a_strided_view_are_those_of_its_flat_copy(layout):
 
 def test_a_dobi_calibration_does_not_import_sympy():
     """A process's first DOBI pays no ~0.4 s import of sympy (torch.unravel_index's first call imports it)."""
-    import subprocess
-    import sys
-
     script = ("import sys, torch; from quantlab import calibrate, quant;"
               "from quantlab.swinir import SwinIR, SwinIRConfig;"
               "m = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)).eval();"
