@@ -12,7 +12,8 @@ round, in alternating rounds after a full-size warm-up; every calibration is tim
 the time of the per-tensor search on the distinct tensors of the first Swin block, as a per-candidate
 loop, batched exact, and batched on a histogram of a sample with the model-level defaults (no
 extrapolation to the whole model); and Set5 inference time of the quantized (the DOBI one, or
-``--quantized FILE``) vs the FP model in alternating rounds (target <= 1.2x, issue 21; DOBI <= 1.2x one FP forward).
+``--quantized FILE``) vs the FP model in alternating rounds (target <= 1.2x, issue 21; DOBI <= 1.2x one FP forward),
+then of their SR forwards alone, taking turns per image.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ import torch
 
 from quantlab import calibrate, kernels, load_model
 from quantlab.calibrate import DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates, dobi_search
-from quantlab.data import calibration_patches
-from quantlab.evaluation import evaluate
+from quantlab.data import Benchmark, calibration_patches
+from quantlab.evaluation import evaluate, super_resolve
 from quantlab.pipeline import load_quantized, quantize_with
 from quantlab.quant import fake_quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
@@ -60,6 +61,29 @@ def first_block_tensors(qmodel: torch.nn.Module, patches: torch.Tensor) -> dict[
 
     calibrate.stream(qmodel, patches, record)
     return seen
+
+
+def interleaved_forwards(nets: dict[str, torch.nn.Module], dataset: str, rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of each net's SR forwards over ``dataset`` (padding and model, no metrics), the nets taking
+    turns on every image, the first of each pair alternating: a change of the machine's speed within a round
+    falls on both alike, where whole-set turns of several seconds each can land it on one."""
+    scale = next(iter(nets.values())).config.scale
+    images = [pair.lr for pair in Benchmark(dataset, scale)]
+    names = list(nets)
+    for lr in images:  # warm-up at every shape
+        for net in nets.values():
+            super_resolve(net, lr)
+    seconds = {name: [] for name in names}
+    for round_ in range(rounds):
+        totals = dict.fromkeys(names, 0.0)
+        for i, lr in enumerate(images):
+            for name in names if (i + round_) % 2 == 0 else names[::-1]:
+                start = time.perf_counter()
+                super_resolve(nets[name], lr)
+                totals[name] += time.perf_counter() - start
+        for name in names:
+            seconds[name].append(totals[name])
+    return seconds
 
 
 def main() -> None:
@@ -155,6 +179,12 @@ def main() -> None:
     print(f"Set5 x{model.config.scale} evaluation (median of {args.rounds} alternating rounds): FP {fp:.1f} s, "
           f"fake-quantized ({qlabel}) {fq:.1f} s   ratio {fq / fp:.2f}x   target 1.2x   "
           f"(per round: {', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x)")
+    forwards = interleaved_forwards(nets, "Set5", args.rounds)
+    per_round = [q / f for f, q in zip(*forwards.values())]
+    print(f"Set5 x{model.config.scale} SR forwards alone, FP and fake-quantized taking turns per image (median of "
+          f"{args.rounds} rounds): FP {statistics.median(forwards['FP']):.1f} s, fake-quantized "
+          f"{statistics.median(forwards['fake-quantized']):.1f} s   per round: "
+          f"{', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x   target 1.2x")
 
 
 if __name__ == "__main__":

@@ -13,3 +13,29 @@ def test_benchmark_imports_and_prints_its_usage(script):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+def test_interleaved_forwards_give_each_net_every_image_in_turns_per_round():
+    sys.path.insert(0, str(BENCHMARKS[0].parent))
+    try:
+        import quant_speed
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from quantlab.swinir import SwinIR, SwinIRConfig
+
+    calls = []
+    nets = {}
+    for name in ("FP", "fake-quantized"):
+        torch.manual_seed(0)
+        net = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(1,), num_heads=(2,))).eval()
+        net.register_forward_hook(lambda module, inputs, output, name=name: calls.append(name))
+        nets[name] = net
+    seconds = quant_speed.interleaved_forwards(nets, "Set5", rounds=2)
+    assert [len(times) for times in seconds.values()] == [2, 2] and all(t > 0 for ts in seconds.values() for t in ts)
+    timed = calls[10:]  # after the warm-up's five images per net
+    assert len(timed) == 20
+    pairs = [tuple(timed[i:i + 2]) for i in range(0, 20, 2)]
+    assert all(sorted(pair) == ["FP", "fake-quantized"] for pair in pairs)  # both nets on every image
+    assert pairs[0] != pairs[1] and pairs[0] != pairs[5]  # the first of each pair alternates, per image and per round
