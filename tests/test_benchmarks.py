@@ -9,7 +9,8 @@ import torch
 
 from quantlab.swinir import SwinIR, SwinIRConfig
 
-BENCHMARKS = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
+BENCHMARK_DIR = Path(__file__).parent.parent / "benchmarks"
+BENCHMARKS = sorted(BENCHMARK_DIR.glob("*.py"))
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.stem)
@@ -20,7 +21,7 @@ def test_benchmark_imports_and_prints_its_usage(script):
 
 
 def test_interleaved_forwards_give_each_net_every_image_in_turns_per_round():
-    spec = importlib.util.spec_from_file_location("quant_speed", BENCHMARKS[0].parent / "quant_speed.py")
+    spec = importlib.util.spec_from_file_location("quant_speed", BENCHMARK_DIR / "quant_speed.py")
     quant_speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quant_speed)
     calls = []
