@@ -13,7 +13,8 @@ the time of the per-tensor search on the distinct tensors of the first Swin bloc
 loop, batched exact, and batched on a histogram of a sample with the model-level defaults (no
 extrapolation to the whole model); and Set5 inference time of the quantized (the DOBI one, or
 ``--quantized FILE``) vs the FP model in alternating rounds (target <= 1.2x, issue 21; DOBI <= 1.2x one FP forward),
-then of their SR forwards alone, taking turns per image.
+then of their SR forwards alone, taking turns per image; and the attention kernel's time on one layer's windows with
+the quantized model's attention quantizers against FP.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from quantlab.calibrate import DOBI_HISTOGRAM_BINS, DOBI_SAMPLE, dobi_candidates
 from quantlab.data import Benchmark, calibration_patches
 from quantlab.evaluation import evaluate, super_resolve
 from quantlab.pipeline import load_quantized, quantize_with
-from quantlab.quant import fake_quantize, quantizers
+from quantlab.quant import QuantWindowAttention, fake_quantize, quantizers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
 
@@ -84,6 +85,31 @@ def interleaved_forwards(nets: dict[str, torch.nn.Module], dataset: str, rounds:
         for name in names:
             seconds[name].append(totals[name])
     return seconds
+
+
+def attention_kernel_rounds(qmodel: torch.nn.Module, rounds: int, windows: int = 1024) -> dict[str, list[float]]:
+    """Seconds per round of quantlab's attention kernel on one Swin layer's windows of a 256 x 256 input (1024 x 6
+    heads x 64 tokens x 10 channels, random q/k/v, the model's own bias), FP and with the four quantizers of
+    ``qmodel``'s first attention (their specs as the quantized forward passes them), taking turns three calls
+    each: the quantized attention's own cost, apart from the linear layers'."""
+    attn = next(module for module in qmodel.modules() if isinstance(module, QuantWindowAttention))
+    specs = tuple(getattr(matmul, name).kernel_spec() for matmul in (attn.matmul_qk, attn.matmul_av)
+                  for name in matmul.names)
+    generator = torch.Generator().manual_seed(0)
+    tokens = attn.relative_position_index.shape[0]
+    dim = attn.proj.linear.in_features // attn.num_heads
+    q, k, v = (torch.randn(windows, attn.num_heads, tokens, dim, generator=generator) for _ in range(3))
+    with torch.no_grad():
+        bias = attn.attention_bias(tokens)
+    runs = {"FP": None, "quantized": specs}
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, quantizers_ in runs.items():
+            start = time.perf_counter()
+            for _ in range(3):
+                kernels.window_attention(q, k, v, bias, attn.scale, quantizers_)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: times[1:] for name, times in seconds.items()}
 
 
 def main() -> None:
@@ -185,6 +211,13 @@ def main() -> None:
           f"{args.rounds} rounds): FP {statistics.median(forwards['FP']):.1f} s, fake-quantized "
           f"{statistics.median(forwards['fake-quantized']):.1f} s   per round: "
           f"{', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x   target 1.2x")
+    if kernels.library() is not None:
+        attention = attention_kernel_rounds(qmodel, args.rounds)
+        per_round = [q / f for f, q in zip(*attention.values())]
+        fp, quantized = (statistics.median(attention[name]) for name in ("FP", "quantized"))
+        print(f"attention kernel, one layer of a 256 x 256 input, 3 calls: FP {fp:.3f} s, with the four quantizers "
+              f"of {qlabel}'s first attention {quantized:.3f} s   per round: "
+              f"{', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x")
 
 
 if __name__ == "__main__":
