@@ -104,10 +104,10 @@ def attention_kernel_rounds(qmodel: torch.nn.Module, rounds: int, windows: int =
     runs = {"FP": None, "quantized": specs}
     seconds = {name: [] for name in runs}
     for _ in range(rounds + 1):  # the first round warms up
-        for name, quantizers_ in runs.items():
+        for name, operand_specs in runs.items():
             start = time.perf_counter()
             for _ in range(3):
-                kernels.window_attention(q, k, v, bias, attn.scale, quantizers_)
+                kernels.window_attention(q, k, v, bias, attn.scale, operand_specs)
             seconds[name].append(time.perf_counter() - start)
     return {name: times[1:] for name, times in seconds.items()}
 
