@@ -1,6 +1,7 @@
 import contextlib
 import platform
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -83,6 +84,18 @@ def quantized_attention(bits: int = 4) -> tuple[QuantWindowAttention, torch.Tens
     return attn, x, mask
 
 
+def recorded_calls(monkeypatch, name: str, record: Callable = lambda *args, **kw: 1) -> list:
+    """The calls of ``kernels.<name>`` from now on (which still runs), each kept as ``record(*args, **kw)``."""
+    calls, kernel = [], getattr(kernels, name)
+
+    def recording(*args, **kw):
+        calls.append(record(*args, **kw))
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(kernels, name, recording)
+    return calls
+
+
 def run(attn, x, mask, monkeypatch, path: str) -> torch.Tensor:
     """``attn(x, mask)`` with ``QUANTLAB_ATTENTION=path``; "pytorch": quantlab's kernels off."""
     monkeypatch.setenv(KERNELS_ENV, "off" if path == "pytorch" else "on")
@@ -126,9 +139,7 @@ def test_kernel_is_skipped_where_it_cannot_run_the_quantizers(monkeypatch):
     """A hooked matmul, a quantizer of another type, grad and QUANTLAB_KERNELS=off run PyTorch's attention;
     plain quantizers run the kernel."""
     attn, x, mask = quantized_attention()
-    calls = []
-    kernel = kernels.window_attention
-    monkeypatch.setattr(kernels, "window_attention", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    calls = recorded_calls(monkeypatch, "window_attention")
     run(attn, x, mask, monkeypatch, "auto")
     assert calls == [1]
     run(attn, x, mask, monkeypatch, "pytorch")
@@ -279,9 +290,7 @@ def test_the_fp_model_can_pin_the_kernel(monkeypatch):
     monkeypatch.setattr(swinir, "_chosen_paths", {})
     attn = WindowAttention(60, 6, 8)
     x = torch.randn(8, 64, 60)
-    calls = []
-    kernel = kernels.window_attention
-    monkeypatch.setattr(kernels, "window_attention", lambda *args, **kw: calls.append(1) or kernel(*args, **kw))
+    calls = recorded_calls(monkeypatch, "window_attention")
     pinned = run(attn, x, None, monkeypatch, "kernel")
     assert calls == [1]
     assert (pinned - run(attn, x, None, monkeypatch, "pytorch")).abs().max() <= 1e-5
@@ -407,11 +416,8 @@ def test_dobi_from_the_kernels_samples_equals_dobi_on_the_written_maps(monkeypat
     maps written out and on Q * scale, K^T and V summarized one by one, and the summaries were used."""
     model = SwinIR(SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4)).eval()
     patches = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    summaries, sweeps = [], []
-    kernel, summarize = kernels.window_attention, kernels.summarize
-    monkeypatch.setattr(kernels, "window_attention",
-                        lambda *args, **kw: summaries.append(args[-1]) or kernel(*args, **kw))
-    monkeypatch.setattr(kernels, "summarize", lambda x, offsets: sweeps.append(len(offsets)) or summarize(x, offsets))
+    summaries = recorded_calls(monkeypatch, "window_attention", lambda *args, **kw: args[-1])
+    sweeps = recorded_calls(monkeypatch, "summarize", lambda x, offsets: len(offsets))
     sampled = calibrate.dobi(quant.quantize(model, QuantConfig(bits=3)), patches, sample=64)
     blocks = len(model.layers) * len(model.layers[0].blocks)
     assert len(summaries) == blocks and all(s is not None for s in summaries) and sweeps.count(3) == blocks
