@@ -93,8 +93,7 @@ def attention_kernel_rounds(qmodel: torch.nn.Module, rounds: int, windows: int =
     ``qmodel``'s first attention (their specs as the quantized forward passes them), taking turns three calls
     each: the quantized attention's own cost, apart from the linear layers'."""
     attn = next(module for module in qmodel.modules() if isinstance(module, QuantWindowAttention))
-    specs = tuple(getattr(matmul, name).kernel_spec() for matmul in (attn.matmul_qk, attn.matmul_av)
-                  for name in matmul.names)
+    specs = tuple(quantizer.kernel_spec() for quantizer in attn.operand_quantizers())
     generator = torch.Generator().manual_seed(0)
     tokens = attn.relative_position_index.shape[0]
     dim = attn.proj.linear.in_features // attn.num_heads

@@ -266,7 +266,7 @@ def search_operands(matmul: QuantMatMul, a: torch.Tensor, b: torch.Tensor, point
     c = (Q(a) - a) b, on at most ``windows`` seeded windows (dim 0, :func:`some_rows`) of a (W, heads, n, d)
     and b (W, heads, d, n); candidates from the whole tensors' min/max."""
     a_rows, b_rows = some_rows(a, windows), some_rows(b, windows)  # the same windows of both
-    qa, qb = (getattr(matmul, name) for name in matmul.names)
+    qa, qb = matmul.operand_quantizers()
     lower, upper = (t.reshape(-1, 1, 1, 1, 1) for t in clip_candidates(*a.aminmax(), qa.bits, "asymmetric", points))
     errors = candidate_errors(lambda k: fake_quantize(a_rows, lower[k], upper[k], qa.bits) - a_rows, points,
                               a_rows.numel(), b_rows)

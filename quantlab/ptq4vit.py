@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import KEY, POST_GELU, POST_SOFTMAX, QUERY, VALUE, FakeQuantizer, QuantLinear
+from .quant import KEY, POST_GELU, POST_SOFTMAX, QUERY, VALUE, FakeQuantizer, QuantLinear, QuantMatMul
 
 GELU_MINIMUM = 0.16997124254703522  # -min GELU(x), the official code's fixed negative range
 SOFTMAX_TWINS = ("select", "sum")
@@ -406,11 +406,11 @@ def head_shape(step: torch.Tensor) -> torch.Tensor:
     return step.reshape(*step.shape[:-1], 1, step.shape[-1], 1, 1)
 
 
-def search_matmul(matmul: nn.Module, record: Record, search: Search, per_head: bool) -> None:
+def search_matmul(matmul: QuantMatMul, record: Record, search: Search, per_head: bool) -> None:
     """Alternating search of Q·K^T (or softmax·V): left operand's Δ (softmax: the split t), then the
     right one's, per head (or per tensor), scored on the matmul's output. Sets the operands' quantizers."""
     (a, b), out, grad = record.joined()
-    left, right = (getattr(matmul, name) for name in matmul.names)
+    left, right = matmul.operand_quantizers()
     softmax = isinstance(left, TwinSoftmaxQuantizer)
     bits = search.bits_a
 

@@ -365,15 +365,19 @@ class QuantMatMul(nn.Module):
         for name, kind in zip(names, kinds):
             self.add_module(name, FakeQuantizer(kind, config.a_bits))
 
+    def operand_quantizers(self) -> tuple[FakeQuantizer, FakeQuantizer]:
+        """The quantizers of ``a`` and ``b``, in :attr:`names` order (the modules now set under those names)."""
+        first, second = (getattr(self, name) for name in self.names)
+        return first, second
+
     @property
     def sliceable(self) -> bool:
         """True when running on slices of the window batch gives the slices of the output: nothing hooks the
         matmul or its quantizers and none observes (calibration must see whole tensors)."""
-        operands = [getattr(self, name) for name in self.names]
-        return not has_hooks(self) and all(m.mode != "observe" and not has_hooks(m) for m in operands)
+        return not has_hooks(self) and all(m.mode != "observe" and not has_hooks(m) for m in self.operand_quantizers())
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        qa, qb = (getattr(self, name) for name in self.names)
+        qa, qb = self.operand_quantizers()
         return qa(a) @ qb(b)
 
 
@@ -391,6 +395,10 @@ class QuantWindowAttention(WindowAttention):
         self.matmul_av = QuantMatMul(("attn", "v"), (POST_SOFTMAX, VALUE), config)
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+
+    def operand_quantizers(self) -> tuple[FakeQuantizer, FakeQuantizer, FakeQuantizer, FakeQuantizer]:
+        """The quantizers of Q (scaled), K^T, the softmax output and V: the order of the kernel's specs."""
+        return (*self.matmul_qk.operand_quantizers(), *self.matmul_av.operand_quantizers())
 
     def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As :meth:`WindowAttention.queries_keys_values`; a split qkv layer without hooks of its own gives its parts'
@@ -413,7 +421,7 @@ class QuantWindowAttention(WindowAttention):
         else in one run. Training runs the explicit attention over the whole batch."""
         if torch.is_grad_enabled() or has_hooks(self.matmul_qk) or has_hooks(self.matmul_av):
             return self.explicit_attention(q, k, v, masked_bias(bias, mask))
-        operands = [getattr(matmul, name) for matmul in (self.matmul_qk, self.matmul_av) for name in matmul.names]
+        operands = self.operand_quantizers()
         if not (kernels.runs_on(q) and all(op.runs_plain() and not op.per_channel for op in operands)):
             whole = not (self.matmul_qk.sliceable and self.matmul_av.sliceable)
             return self.chunked_attention(q, k, v, masked_bias(bias, mask), whole)
@@ -463,8 +471,7 @@ class QuantWindowAttention(WindowAttention):
         bounded memory and without a new tensor per run: Q (scaled), K^T and V are quantized once, each over
         its own copy (:meth:`FakeQuantizer.quantize_`); each run's scores are computed into one reused
         (run, heads, N, N) buffer, biased, softmaxed and quantized in it, and multiplied into the output."""
-        q_quantizer, k_quantizer = (getattr(self.matmul_qk, name) for name in self.matmul_qk.names)
-        a_quantizer, v_quantizer = (getattr(self.matmul_av, name) for name in self.matmul_av.names)
+        q_quantizer, k_quantizer, a_quantizer, v_quantizer = self.operand_quantizers()
         q = q_quantizer.quantize_(q * self.scale)
         k_t = k_quantizer.quantize_(k.transpose(-2, -1).clone(memory_format=torch.contiguous_format))
         v = v_quantizer.quantize_(v.clone(memory_format=torch.contiguous_format))
