@@ -210,7 +210,7 @@ def main() -> None:
           f"{args.rounds} rounds): FP {statistics.median(forwards['FP']):.1f} s, fake-quantized "
           f"{statistics.median(forwards['fake-quantized']):.1f} s   per round: "
           f"{', '.join(f'{r:.2f}x' for r in per_round)}; median {statistics.median(per_round):.2f}x   target 1.2x")
-    if kernels.library() is not None:
+    if kernels.enabled() and kernels.library() is not None:  # as the quantized forward decides (kernels.runs_on)
         attention = attention_kernel_rounds(qmodel, args.rounds)
         per_round = [q / f for f, q in zip(*attention.values())]
         fp, quantized = (statistics.median(attention[name]) for name in ("FP", "quantized"))
