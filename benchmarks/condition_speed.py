@@ -2,7 +2,8 @@
 
 Prints the seconds of the statistics (calibration forward pass) and of the per-layer optimisation,
 the paper's budget (19 s, on a GPU) and the ratio, the mean and largest condition number of the processed
-weights before/after and the largest relative output error. Usage: python benchmarks/condition_speed.py [--model default-x2] [--patches 100] [--size 32]
+weights before/after and the largest relative output error.
+Usage: python benchmarks/condition_speed.py [--model default-x2] [--patches 100] [--size 32]
 (the 19 s target is for the x2 model)
 """
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main() -> None:
 
     start = time.perf_counter()
     patches = calibration_patches(n=args.patches, size=args.size, scale=scale)
-    print(f"calibration patches: {tuple(patches.shape)} (loaded in {time.perf_counter() - start:.1f} s, not timed below)")
+    print(f"calibration patches: {tuple(patches.shape)} (loaded in {time.perf_counter() - start:.1f} s, "
+          "not timed below)")
 
     start = time.perf_counter()
     _, report = condition_model(model, patches, batch_size=args.batch_size)

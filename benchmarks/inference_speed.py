@@ -198,7 +198,8 @@ def quantlab_clock(model: SwinIR) -> tuple[Clock, list]:
             for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
                 handles += [linear.register_forward_pre_hook(start), linear.register_forward_hook(stop("linear")),
                             linear.register_forward_hook(stop("attention", -1.0))]
-            handles += [block.attn.register_forward_pre_hook(start), block.attn.register_forward_hook(stop("attention"))]
+            handles += [block.attn.register_forward_pre_hook(start),
+                        block.attn.register_forward_hook(stop("attention"))]
     return clock, handles
 
 

@@ -93,7 +93,8 @@ def main() -> None:
     nets = {"FP": model, "mask pre-added": premasked(model),
             "channels-last": lambda x: channels_last(x.contiguous(memory_format=torch.channels_last)),
             "bf16 autocast": Autocast(model)}
-    qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=4)), calibration_patches(n=8, size=64, scale=model.config.scale))
+    qmodel = calibrate.minmax(quantize(model, QuantConfig(bits=4)),
+                              calibration_patches(n=8, size=64, scale=model.config.scale))
     nets |= {f"W4A4 chunk {chunk}": chunked(qmodel, int(chunk)) for chunk in args.chunks.split(",")}
     with torch.inference_mode():
         if not args.no_compile:

@@ -6,9 +6,9 @@ Prints, per round (alternating, so that all see the same machine load), the whol
 method as ``quantize_with`` runs it (2DQuant: DOBI + 60 DQC iterations; quantlab: per-channel DOBI, 300 DQC
 iterations on 8 crops of 16x16 with the tuned LayerNorms, biases and weights; 2DQuant with 150 DQC iterations, as
 many LR pixels as the recipe's: the ablation's same-budget row) and the ratios quantlab / 2DQuant (target <= 3x)
-and 2DQuant at 150 iterations / quantlab (the same-budget comparison: about 1); then the aten operations of one forward of
-each quantized model (target: the same counts) and their inference times on one LR image of ``--image`` pixels
-square (target ratio 1.0).
+and 2DQuant at 150 iterations / quantlab (the same-budget comparison: about 1); then the aten operations of one
+forward of each quantized model (target: the same counts) and their inference times on one LR image of
+``--image`` pixels square (target ratio 1.0).
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def main() -> None:
 
     x = torch.rand(1, 3, args.image, args.image)
     counts = {name: operation_counts(qmodel, x) for name, qmodel in qmodels.items()}
-    differing = sorted(op for op in counts["2dquant"] | counts["quantlab"] if counts["2dquant"][op] != counts["quantlab"][op])
+    differing = sorted(op for op in counts["2dquant"] | counts["quantlab"]
+                       if counts["2dquant"][op] != counts["quantlab"][op])
     print(f"aten operations of one forward: 2DQuant {sum(counts['2dquant'].values())}, quantlab "
           f"{sum(counts['quantlab'].values())}; differing operations: {differing or 'none'}   target none")
     times = {name: [] for name in METHODS}
@@ -69,7 +70,8 @@ def main() -> None:
                 qmodel(x)
                 times[name].append(time.perf_counter() - start)
     base, ours = statistics.median(times["2dquant"][1:]), statistics.median(times["quantlab"][1:])
-    print(f"inference on {args.image}x{args.image}: 2DQuant {base:.2f} s, quantlab {ours:.2f} s, ratio {ours / base:.2f}"
+    print(f"inference on {args.image}x{args.image}: 2DQuant {base:.2f} s, quantlab {ours:.2f} s, "
+          f"ratio {ours / base:.2f}"
           "   target 1.00")
 
 

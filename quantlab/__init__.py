@@ -5,8 +5,8 @@ from .quant import QuantConfig, quantize
 from .runtime import pick_device, reuse_freed_memory
 from .swinir import SwinIR, SwinIRConfig
 
-__all__ = ["QuantConfig", "SwinIR", "SwinIRConfig", "evaluate", "load_model", "pick_device", "quantize", "reuse_freed_memory",
-           "save_model"]
+__all__ = ["QuantConfig", "SwinIR", "SwinIRConfig", "evaluate", "load_model", "pick_device", "quantize",
+           "reuse_freed_memory", "save_model"]
 __version__ = "0.1.0"
 
 reuse_freed_memory()

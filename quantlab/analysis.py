@@ -235,7 +235,8 @@ def activation_ranks(model: nn.Module, patches: torch.Tensor, rel_tol: float = R
         rank = gram_rank(h, rel_tol)
         where = location(name)
         rows.append({"depth": depth, "name": name, "layer": where["layer"], "block": where["block"],
-                     "linear": name.rsplit(".", 1)[-1], "dim": h.shape[0], "rank": rank, "rank_ratio": rank / h.shape[0]})
+                     "linear": name.rsplit(".", 1)[-1], "dim": h.shape[0], "rank": rank,
+                     "rank_ratio": rank / h.shape[0]})
     frame = pd.DataFrame(rows)
     frame.attrs["rel_tol"] = rel_tol
     return frame

@@ -152,7 +152,8 @@ def _layout_offsets(x: torch.Tensor, sample: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int, device: torch.device) -> torch.Tensor:
+def _sample_offsets(shape: tuple[int, ...], strides: tuple[int, ...], sample: int,
+                    device: torch.device) -> torch.Tensor:
     """Sorted memory offsets (in elements) of ``sample`` seeded uniform picks among the positions of a
     tensor of this shape and strides (:func:`seeded_positions`, the same on every device); the same picks
     for every tensor of the layout, drawn once."""

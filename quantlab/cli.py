@@ -144,7 +144,8 @@ def model_label(name: str) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     pick_device(args.device)  # a bad --device fails before anything is loaded, bicubic-only runs too
-    outputs = [check_output_path(Path(args.out) / name) for name in ("per_image.csv", "summary.csv")] if args.out else []
+    outputs = [check_output_path(Path(args.out) / name)
+               for name in ("per_image.csv", "summary.csv")] if args.out else []
     models = resolve_models(comma_list(args.model), args.scale, args.device)
     if not models:
         raise ValueError("nothing to evaluate: no model matched --model/--scale")
@@ -312,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=positive_int, default=None, help="first N images of each set (quick checks)")
     ev.add_argument("--device", default=None, help=DEVICE_HELP)
-    ev.add_argument("--quantized", default=None, help="quantized-model file from 'quantlab quantize' (bounds for --model)")
+    ev.add_argument("--quantized", default=None,
+                    help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
     ev.add_argument("--out", default=None, help="folder for per_image.csv and summary.csv")
     ev.set_defaults(func=cmd_eval)
@@ -323,11 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="; ".join(f"{n}: {m.label}" for n, m in methods.REGISTRY.items() if m.quantized))
     qu.add_argument("--bits", type=int, default=4, choices=BITS, metavar=f"{MIN_BITS}-{MAX_BITS}",
                     help="bits of weights and activations")
-    qu.add_argument("--preset", default="quick", choices=methods.PRESETS, help="preset of the bound training: DQC for 2dquant/condiquant, "
+    qu.add_argument("--preset", default="quick", choices=methods.PRESETS,
+                    help="preset of the bound training: DQC for 2dquant/condiquant, "
                     "Pac for dbdc_pac (quick or paper)")
     qu.add_argument("--dobi-mode", default=None, choices=DOBI_MODES,
-                    help=f"{'/'.join(methods.taking('dobi_mode'))}: one-sided search for post-softmax/GELU tensors (paper), "
-                    "symmetric everywhere (release) or the paper's Algorithm 1 read literally (algorithm1); "
+                    help=f"{'/'.join(methods.taking('dobi_mode'))}: one-sided search for post-softmax/GELU tensors "
+                    "(paper), symmetric everywhere (release) or the paper's Algorithm 1 read literally (algorithm1); "
                     "default: the preset's (release under --preset release, else paper)")
     qu.add_argument("--teacher", default=None, choices=sorted(TEACHERS),
                     help="condiquant only: DQC distils from the FP model (default) or the conditioned one")
@@ -365,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     re = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill, in dependency order")
     mode = re.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="x2, 2 bits, first image of Set5+Set14, quick presets (default)")
+    mode.add_argument("--quick", action="store_true",
+                      help="x2, 2 bits, first image of Set5+Set14, quick presets (default)")
     mode.add_argument("--full", action="store_true", help="the papers' grid (hours; resumes through the cache)")
     re.add_argument("--preset", default=None, choices=FULL_PRESETS,
                     help="with --full: the presets of every notebook that takes one (default: each notebook's, "

@@ -328,7 +328,8 @@ def condition_model(
         else:
             rstb = conditioned.layers[index]
             h_fit = _collect(lambda x: rstb(x, *rstb_args), fit_tokens, modules, config.batch_size)
-            h_held = _collect(lambda x: rstb(x, *rstb_args), held_tokens, modules, config.batch_size) if n_held else h_fit
+            h_held = (_collect(lambda x: rstb(x, *rstb_args), held_tokens, modules, config.batch_size) if n_held
+                      else h_fit)
         seconds["statistics"] += time.perf_counter() - start
         start = time.perf_counter()
         with _one_thread_on_cpu(device), torch.no_grad():
@@ -349,7 +350,8 @@ def condition_model(
         if config.statistics == "sequential" and index + 1 < len(stages):
             with torch.inference_mode():
                 fit_tokens = torch.cat([rstb(x, *rstb_args) for x in fit_tokens.split(config.batch_size)])
-                held_tokens = torch.cat([rstb(x, *rstb_args) for x in held_tokens.split(config.batch_size)]) if n_held else fit_tokens
+                held_tokens = (torch.cat([rstb(x, *rstb_args) for x in held_tokens.split(config.batch_size)])
+                               if n_held else fit_tokens)
     seconds["statistics"] += time.perf_counter() - start
     bar.close()
     report = pd.DataFrame(rows, columns=["name", "kappa_before", "kappa_after", "rel_output_error"])

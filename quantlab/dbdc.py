@@ -6,10 +6,10 @@ Resolution") on a model quantized by :func:`quantlab.quant.quantize`, following 
 - DBDC (``Quantization.Percentile_init``): per activation tensor, a 2048-bin histogram over [min, max];
   while more than (1 - p) of the elements are kept, the edge bin of the sparser tail is dropped (the
   upper one on ties); the clips are the *upper* edges of the first and of the last kept bin
-  (:func:`dual_clip_bounds`; the lower clip thus cuts one bin more than the kept range). p = 1e-4, or 1e-5 at 8 bits: the value the released
-  ``Quant_Linear``/``Quant_Conv2d`` construct their quantizers with (the YAML's ``percentile``, 5e-4 at
-  4 bits, is never passed to them). Weights: MinMax (``weight_clip`` 0 for linear layers), set once on
-  the first batch. Activation clips are the running mean over the calibration batches,
+  (:func:`dual_clip_bounds`; the lower clip thus cuts one bin more than the kept range). p = 1e-4, or 1e-5
+  at 8 bits: the value the released ``Quant_Linear``/``Quant_Conv2d`` construct their quantizers with (the
+  YAML's ``percentile``, 5e-4 at 4 bits, is never passed to them). Weights: MinMax (``weight_clip`` 0 for linear
+  layers), set once on the first batch. Activation clips are the running mean over the calibration batches,
   v_k = v_{k-1} (1 - 1/(k+1)) + c_k / (k+1) for batch k = 1, 2, ... (v_0 = c_0).
 - Pac: Adam on the activation clips (cosine 5e-3 -> 2e-3), then on the weight clips (cosine 5e-6 ->
   2e-6), each clip's gradient scaled by 1/sqrt(numel (2^(b-1) - 1)) (LSQ-style; numel: elements of the

@@ -202,7 +202,8 @@ def lambda_schedule(kind: str) -> Schedule:
 
 
 def annealing_schedule(eta_min: float) -> Schedule:
-    """``torch.optim.lr_scheduler.CosineAnnealingLR`` from the base lr to ``eta_min`` over the run (Pac, as released)."""
+    """``torch.optim.lr_scheduler.CosineAnnealingLR`` from the base lr to ``eta_min`` over the run (Pac, as
+    released)."""
     def make(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=eta_min)
     return make
@@ -247,7 +248,8 @@ class BoundTrainer:
         groups = {}
         for p, rate in zip(params, lrs or [lr] * len(params)):
             groups.setdefault(rate, []).append(p)
-        self.optimizer = torch.optim.Adam([{"params": ps, "lr": rate} for rate, ps in groups.items()], lr=lr, betas=betas)
+        self.optimizer = torch.optim.Adam([{"params": ps, "lr": rate} for rate, ps in groups.items()], lr=lr,
+                                          betas=betas)
         self.scheduler = schedule(self.optimizer, iterations)
         self.state: dict[str, Any] = {"iteration": 0, "best_psnr": -math.inf, "history": []}
         self.best_bounds: list[torch.Tensor] | None = None

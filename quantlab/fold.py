@@ -89,7 +89,8 @@ def scale_rows(linear: nn.Linear, rows: slice, factors: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fold_scalings(model: nn.Module, patches: torch.Tensor, places: Sequence[str] = PLACES, alpha: float = DEFAULT_ALPHA) -> nn.Module:
+def fold_scalings(model: nn.Module, patches: torch.Tensor, places: Sequence[str] = PLACES,
+                  alpha: float = DEFAULT_ALPHA) -> nn.Module:
     """Fold the channel scalings of ``places`` (of :data:`PLACES`) into a SwinIR(-light) FP ``model``, in place,
     with factors from the ranges of the calibration batch ``patches`` (N, 3, h, w) and migration strength
     ``alpha`` in [0, 1]. The function is unchanged (float64 factors; float32 rounding only). Returns ``model``."""

@@ -75,7 +75,8 @@ def plan(models: Iterable[str | Path], bits: Iterable[int], methods: Iterable[st
         if key not in tasks:
             request = registry.stage1_request(config)
             before = calibration(source, request[0], b, tuple(sorted(request[1].items()))) if request else None
-            tasks[key] = Task("calibrate", source, method, b, preset, extra, key=key, depends=(before,) if before else (),
+            tasks[key] = Task("calibrate", source, method, b, preset, extra, key=key,
+                              depends=(before,) if before else (),
                               name=f"x{fp.config.scale} {registry.get(method).label} W{b}A{b} {config.tag}")
         return key
 

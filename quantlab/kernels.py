@@ -97,7 +97,8 @@ def library() -> ctypes.CDLL | None:
                       "quantizers run in PyTorch (slower); install a C++ compiler (e.g. g++) or set CXX to one",
                       stacklevel=2)
         return None
-    lib.fake_quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int]
+    lib.fake_quantize.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_float] * 3
+                                  + [ctypes.c_int])
     lib.fake_quantize_train.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [ctypes.c_int]
     lib.fake_quantize_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_float] * 3 + [
         ctypes.c_void_p, ctypes.c_int]
@@ -159,7 +160,8 @@ def _check_flat(*tensors: torch.Tensor) -> None:
     backward follows its forward's choice)."""
     if not all(t.is_contiguous() and t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == tensors[0].shape
                for t in tensors) or library() is None:
-        raise ValueError("the quantize kernels need contiguous float32 CPU tensors of one shape (and the kernels built)")
+        raise ValueError("the quantize kernels need contiguous float32 CPU tensors of one shape "
+                         "(and the kernels built)")
 
 
 def fake_quantize(x: torch.Tensor, lower: float, step: float, levels: int, out: torch.Tensor | None = None,

@@ -133,9 +133,10 @@ Handler = Callable[[Calibration], nn.Module]
 @dataclass(frozen=True)
 class Method:
     """One PTQ method (or unquantized reference row). ``settings(preset, bits, scale)`` gives the preset's
-    resolved settings (a ValueError for a preset the method lacks; ``scale`` may be None where it matters not); ``stage1(settings)`` the (method, overrides)
-    whose calibrated model ``run`` starts from; ``upscaler(fp_model)`` the model or upscaler name of a
-    reference row (``run`` is then None); ``choices`` the allowed values of settings that take names."""
+    resolved settings (a ValueError for a preset the method lacks; ``scale`` may be None where it matters not);
+    ``stage1(settings)`` the (method, overrides) whose calibrated model ``run`` starts from; ``upscaler(fp_model)``
+    the model or upscaler name of a reference row (``run`` is then None); ``choices`` the allowed values of
+    settings that take names."""
 
     name: str
     label: str
@@ -162,9 +163,9 @@ class Method:
         return self.run is not None
 
     def resolve(self, bits: int, preset: str = "quick", scale: int | None = None, **overrides) -> MethodConfig:
-        """The :class:`MethodConfig` of this method at ``bits`` under ``preset`` for a x``scale`` model with ``overrides``
-        (a top-level setting such as ``dobi_mode``; a field of a stage by its name, ``iterations``, or, where
-        two stages share it, as ``dqc.batch_size``; or a stage as a dict, ``dqc={"batch_size": 2}``).
+        """The :class:`MethodConfig` of this method at ``bits`` under ``preset`` for a x``scale`` model with
+        ``overrides`` (a top-level setting such as ``dobi_mode``; a field of a stage by its name, ``iterations``,
+        or, where two stages share it, as ``dqc.batch_size``; or a stage as a dict, ``dqc={"batch_size": 2}``).
         Unknown names and values outside ``choices`` raise a ValueError."""
         if not self.quantized:
             return MethodConfig(self.name, FP_BITS, None)
@@ -418,7 +419,8 @@ def run_ptq4vit(c: Calibration) -> nn.Module:
 
 # RepQ-ViT (quantlab/repq.py) --------------------------------------------------------------
 
-REPQ_VIT = "Li et al., RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, ICCV 2023"
+REPQ_VIT = ("Li et al., RepQ-ViT: Scale Reparameterization for Post-Training Quantization of Vision Transformers, "
+            "ICCV 2023")
 
 
 def run_repq_vit(c: Calibration) -> nn.Module:
@@ -545,23 +547,29 @@ register(Method("bicubic", "Bicubic (MATLAB)", "MATLAB imresize bicubic of the L
 register(Method("bilinear", "Bilinear (papers' Bicubic)", "torchvision Resize of the LR input, bilinear: what the "
                 "2DQuant code runs for its 'Bicubic' row", upscaler=lambda fp: "bilinear",
                 tables=("2dquant", "condiquant"), paper_label="Bicubic"))
-register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient integer-arithmetic-only inference, CVPR 2018", run_minmax,
+register(Method("minmax", "MinMax", "Jacob et al., Quantization and training of neural networks for efficient "
+                "integer-arithmetic-only inference, CVPR 2018", run_minmax,
                 tables=("2dquant",)))
-register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, CVPR 2019", run_percentile,
+register(Method("percentile", "Percentile", "Li et al., Fully quantized network for object detection, "
+                "CVPR 2019", run_percentile,
                 settings=lambda preset, bits, scale: {"p": calibrate.DEFAULT_PERCENTILE}, tables=("2dquant",)))
 register(Method("dbdc_pac", "DBDC+Pac", "Tu et al., Toward Accurate Post-Training Quantization for Image "
                 "Super Resolution (PTQ4SR), CVPR 2023", run_dbdc_pac,
-                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True, tables=("2dquant", "condiquant"),
-                note="DBDC+Pac quantizes 2DQuant's 384 tensors: no released code says which tensors it quantizes on SwinIR-light"))
+                settings=lambda preset, bits, scale: {"pac": pac_settings(preset, bits, scale)}, tuned=True,
+                tables=("2dquant", "condiquant"),
+                note="DBDC+Pac quantizes 2DQuant's 384 tensors: no released code says which tensors it quantizes on "
+                "SwinIR-light"))
 register(Method("ptq4vit", "PTQ4ViT", PTQ4VIT, run_ptq4vit, settings=ptq4vit_settings, tuned=True,
                 choices={"softmax_twin": ptq4vit.SOFTMAX_TWINS, "split_v": ptq4vit.SPLIT_V,
                          "matmul_granularity": ptq4vit.GRANULARITIES},
                 prepare=prepare_ptq4vit, tables=("condiquant",)))
-register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit, settings=lambda preset, bits, scale: repq.settings(preset), tuned=True, prepare=repq.prepare,
+register(Method("repq_vit", "RepQ-ViT", REPQ_VIT, run_repq_vit,
+                settings=lambda preset, bits, scale: repq.settings(preset), tuned=True, prepare=repq.prepare,
                 choices={"fold": repq.FOLDS}, tables=("condiquant",)))
 register(Method("noisyquant", "NoisyQuant", "Liu et al., NoisyQuant: Noisy Bias-Enhanced Post-Training Activation "
                 "Quantization for Vision Transformers, CVPR 2023", run_noisyquant,
-                settings=lambda preset, bits, scale: noisyquant.settings_of(preset), tuned=True, prepare=noisyquant.prepare,
+                settings=lambda preset, bits, scale: noisyquant.settings_of(preset), tuned=True,
+                prepare=noisyquant.prepare,
                 choices=noisyquant.CHOICES, tables=("condiquant",)))
 register(Method("dobi", "DOBI", TWO_DQUANT + ", stage 1", run_dobi,
                 settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset)},
@@ -570,14 +578,16 @@ register(Method("dqc", "DQC only", TWO_DQUANT + ", Table 4c", run_dqc,
                 settings=lambda preset, bits, scale: {"dqc": dqc_settings(preset)}, tuned=True,
                 stage1=lambda settings: ("minmax", {}), choices=DQC_CHOICES))
 register(Method("2dquant", "2DQuant", TWO_DQUANT, run_2dquant,
-                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset)}, tuned=True,
+                settings=lambda preset, bits, scale: {"dobi_mode": dobi_mode_of(preset),
+                                                      "dqc": dqc_settings(preset)}, tuned=True,
                 stage1=lambda settings: ("dobi", {"dobi_mode": settings["dobi_mode"]}),
                 choices={"dobi_mode": calibrate.DOBI_MODES, **DQC_CHOICES}, tables=("2dquant", "condiquant")))
 register(Method("condiquant", "CondiQuant", CONDIQUANT, run_condiquant,
                 settings=lambda preset, bits, scale: {
                     "dobi_mode": dobi_mode_of(preset), "dqc": dqc_settings(preset), "teacher": "original",
                     "conditioning": asdict(ConditionConfig()) | {
-                        "conditioning_patches": CONDITIONING_PATCHES, "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
+                        "conditioning_patches": CONDITIONING_PATCHES,
+                        "conditioning_patch_size": CONDITIONING_PATCH_SIZE}},
                 tuned=True, choices={"dobi_mode": calibrate.DOBI_MODES, "teacher": TEACHERS, **DQC_CHOICES},
                 tables=("condiquant",)))
 register(Method("quantlab", "quantlab (ours)", "this toolkit's recipe: per-channel weight bounds, DOBI, longer DQC "

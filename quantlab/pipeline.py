@@ -117,7 +117,8 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
     refused with a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no quantized-model file at {path}; make one with 'quantlab quantize ... --out {path}'")
+        raise FileNotFoundError(f"no quantized-model file at {path}; "
+                                f"make one with 'quantlab quantize ... --out {path}'")
     payload = load_weights_only(path)
     remake = f"make it again with 'quantlab quantize ... --out {path}'"
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *OLD_FORMATS):

@@ -62,8 +62,8 @@ def _histogram(ax: plt.Axes, sample: TensorSample, shape: str | None = None, tit
         draw_levels(ax, quantizer, span=(edges[0], edges[-1]))
     for edge in (sample.min, sample.max):
         ax.axvline(edge, color="k", lw=0.8, ls="--")
-    ax.text(0.5, 0.97, f"[{sample.min:.3g}, {sample.max:.3g}]", transform=ax.transAxes, va="top", ha="center", fontsize=7,
-            bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
+    ax.text(0.5, 0.97, f"[{sample.min:.3g}, {sample.max:.3g}]", transform=ax.transAxes, va="top", ha="center",
+            fontsize=7, bbox={"facecolor": "white", "alpha": 0.7, "lw": 0})
     label = title or sample.name
     ax.set_title(f"{label}\n{sample.kind}" + (f", {shape}" if shape else ""), fontsize=7)
     ax.tick_params(labelsize=6)
@@ -137,8 +137,8 @@ def layer_sheets(samples: Mapping[str, TensorSample], table: pd.DataFrame | None
             for c in range(cols):
                 if c < len(block_names):
                     name = block_names[c]
-                    _histogram(axes[r, c], samples[name], shapes.get(name), f"block {block}: {location(name)['tensor']}",
-                               levels.get(name))
+                    _histogram(axes[r, c], samples[name], shapes.get(name),
+                               f"block {block}: {location(name)['tensor']}", levels.get(name))
                 else:
                     axes[r, c].set_visible(False)
         fig.suptitle(page.replace("_", " "))
@@ -274,7 +274,8 @@ def plot_ablation(ablation: pd.DataFrame, title: str = "") -> Figure:
         rows = ablation[ablation["dataset"] == dataset]
         ax.barh(rows["variant"], rows["psnr"], color=sns.color_palette("tab10", 1))
         low = rows["psnr"].min()
-        ax.set(xlim=(low - 0.5, rows["psnr"].max() + 0.3), xlabel="PSNR (dB)", title=f"{dataset}, {rows['bits'].iloc[0]} bit")
+        ax.set(xlim=(low - 0.5, rows["psnr"].max() + 0.3), xlabel="PSNR (dB)",
+               title=f"{dataset}, {rows['bits'].iloc[0]} bit")
         ax.invert_yaxis()
         for y, value in enumerate(rows["psnr"]):
             ax.text(value, y, f" {value:.2f}", va="center", fontsize=8)

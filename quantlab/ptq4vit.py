@@ -32,8 +32,9 @@ subsample of its input tokens (``tokens`` rows; matmuls: ``windows`` whole windo
 and the absmax of the whole tensors for Δ0. The official code scores every token of 32 ImageNet images
 (6304 per linear, 32 x 197^2 logits per head); ``paper``/``release`` keep about that volume (8192 tokens,
 256 windows of 32 patches). ``quick`` (its time budget: at most twice DOBI's on 2 CPU cores) takes the
-first 4 patches, 1024 tokens, 16 windows, a coarser grid (n = 25 over the same [α, β)) and 2 rounds. In the official split search V is left in FP (``split_v=
-"fp"``, release); by default it is quantized with its current Δ as in every other alternating step.
+first 4 patches, 1024 tokens, 16 windows, a coarser grid (n = 25 over the same [α, β)) and 2 rounds. In the
+official split search V is left in FP (``split_v="fp"``, release); by default it is quantized with its current Δ
+as in every other alternating step.
 
 **Deployment.** Not at zero overhead on plain integer kernels: the base quantizers are uniform (integer
 GEMMs), but the twin quantizers need kernels that read the range flag and rescale by 2^m (post-softmax) or
@@ -242,8 +243,9 @@ def running_max(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 def record_layers(fp_model: nn.Module, patches: torch.Tensor, tokens: int, windows: int,
                   seed: int) -> dict[str, Record]:
     """{``layers.i.blocks.j.<layer>``: Record} from one FP forward + backward of L = <e, f(patches)>,
-    e ~ N(0, I) (drawn batch by batch from a CPU generator seeded ``seed``), in batches of :data:`BACKWARD_BATCH` patches. Each batch contributes its share
-    of ``tokens`` rows per linear and ``windows`` windows per matmul (seeded, without replacement)."""
+    e ~ N(0, I) (drawn batch by batch from a CPU generator seeded ``seed``), in batches of
+    :data:`BACKWARD_BATCH` patches. Each batch contributes its share of ``tokens`` rows per linear and
+    ``windows`` windows per matmul (seeded, without replacement)."""
     records: dict[str, Record] = {}
     generator = torch.Generator().manual_seed(seed + 1)  # the rows kept
     directions = torch.Generator().manual_seed(seed)  # e
@@ -391,13 +393,15 @@ def search_linear(parts: list[QuantLinear], record: Record, search: Search, twin
     half = 2 ** (search.bits_a - 1)
     for part, step in zip(parts, w_step):
         set_bounds(part.weight, *symmetric_bounds(step, search.bits_w))
-        set_bounds(part.act, *((-half * neg_step, (half - 1) * x_step) if twin else symmetric_bounds(x_step, search.bits_a)))
+        set_bounds(part.act, *((-half * neg_step, (half - 1) * x_step) if twin
+                               else symmetric_bounds(x_step, search.bits_a)))
 
 
 def set_bounds(quantizer: FakeQuantizer, lower: torch.Tensor, upper: torch.Tensor) -> None:
     """One (l, u) pair (per tensor, or per head/channel) into ``quantizer``, broadcast to its bounds' shape."""
-    quantizer.set_bounds(torch.as_tensor(lower).reshape(-1, *[1] * (quantizer.lower.dim() - 1)).expand_as(quantizer.lower),
-                         torch.as_tensor(upper).reshape(-1, *[1] * (quantizer.lower.dim() - 1)).expand_as(quantizer.upper))
+    quantizer.set_bounds(
+        torch.as_tensor(lower).reshape(-1, *[1] * (quantizer.lower.dim() - 1)).expand_as(quantizer.lower),
+        torch.as_tensor(upper).reshape(-1, *[1] * (quantizer.lower.dim() - 1)).expand_as(quantizer.upper))
 
 
 def head_shape(step: torch.Tensor) -> torch.Tensor:
@@ -469,7 +473,8 @@ def calibrate(qmodel: nn.Module, fp_model: nn.Module, patches: torch.Tensor, sea
             search_linear(qkv, records.pop(prefix + "attn.qkv"), search, twin=False)
             search_linear([attn.proj], records.pop(prefix + "attn.proj"), search, twin=False)
             search_linear([mlp.fc1], records.pop(prefix + "mlp.fc1"), search, twin=False)
-            search_linear([mlp.fc2], records.pop(prefix + "mlp.fc2"), search, twin=isinstance(mlp.fc2.act, TwinGeluQuantizer))
+            search_linear([mlp.fc2], records.pop(prefix + "mlp.fc2"), search,
+                          twin=isinstance(mlp.fc2.act, TwinGeluQuantizer))
             per_head = isinstance(attn.matmul_qk.q, HeadQuantizer)
             search_matmul(attn.matmul_qk, records.pop(prefix + "attn.matmul_qk"), search, per_head)
             search_matmul(attn.matmul_av, records.pop(prefix + "attn.matmul_av"), search, per_head)

@@ -389,7 +389,8 @@ class QuantWindowAttention(WindowAttention):
     def __init__(self, attn: WindowAttention, config: QuantConfig):
         nn.Module.__init__(self)
         self.num_heads, self.scale = attn.num_heads, attn.scale
-        self.qkv = SplitQuantLinear(attn.qkv, config) if config.split_qkv else QuantLinear(attn.qkv, LINEAR_INPUT, config)
+        self.qkv = (SplitQuantLinear(attn.qkv, config) if config.split_qkv
+                    else QuantLinear(attn.qkv, LINEAR_INPUT, config))
         self.proj = QuantLinear(attn.proj, LINEAR_INPUT, config)
         self.matmul_qk = QuantMatMul(("q", "k"), (QUERY, KEY), config)
         self.matmul_av = QuantMatMul(("attn", "v"), (POST_SOFTMAX, VALUE), config)
@@ -494,7 +495,8 @@ class QuantWindowAttention(WindowAttention):
         if windows <= ATTENTION_CHUNK:  # also the unshifted case, one bias for all windows
             step = ATTENTION_CHUNK // windows * windows
             return [(slice(start, start + step), slice(None)) for start in range(0, rows, step)]
-        return [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)), slice(start, start + ATTENTION_CHUNK))
+        return [(slice(image + start, image + min(start + ATTENTION_CHUNK, windows)),
+                 slice(start, start + ATTENTION_CHUNK))
                 for image in range(0, rows, windows) for start in range(0, windows, ATTENTION_CHUNK)]
 
 

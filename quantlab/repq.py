@@ -130,7 +130,8 @@ class ZeroGridQuantizer(FakeQuantizer):
         return torch.cat([lower[None], codes.to(step.dtype) * step, upper[None]]).clamp(lower, upper).unique()[None]
 
     def describe(self) -> str:
-        return f"uniform anchored at 0 (official RepQ fold): multiples of (u - l) / {2**self.bits - 1} in [l, u], and l, u"
+        return (f"uniform anchored at 0 (official RepQ fold): multiples of (u - l) / {2**self.bits - 1} in [l, u], "
+                "and l, u")
 
 
 def settings(preset: str) -> dict:
@@ -240,7 +241,8 @@ def fit(quantizer: FakeQuantizer, x: torch.Tensor, percentiles: Sequence[float],
     if quantizer.per_channel:
         quantizer.set_bounds(*fit_uniform(x.reshape(x.shape[0], -1).T, quantizer.bits, percentiles))
         return
-    values = (calibrate.sample_values(x, sample) if sample and x.numel() > sample else calibrate.flat_values(x))[:, None]
+    values = (calibrate.sample_values(x, sample) if sample and x.numel() > sample
+              else calibrate.flat_values(x))[:, None]
     if isinstance(quantizer, LogSqrt2Quantizer):
         quantizer.set_bounds(0.0, fit_log_sqrt2(values, quantizer.bits, percentiles))
     else:

@@ -27,7 +27,8 @@ from .files import atomic_path
 from .methods import FP_BITS, MethodConfig
 from .pipeline import load_quantized, quantize_to_file, weights_fingerprint
 
-PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")  # CondiQuant + 2DQuant Table 3 numbers; CompSRT x2/x4 Set5/Set14 from its repository
+# CondiQuant + 2DQuant Table 3 numbers; CompSRT x2/x4 Set5/Set14 from its repository
+PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 PAPER_ONLY_SUFFIX = " (paper only)"
 CELL = ["scale", "method", "bits", "dataset"]  # one row per cell in a results table
 CACHE_VERSION = 4  # raise with any change to the numbers cells or calibrated models hold: old ones are not reused
@@ -260,7 +261,8 @@ def loss_against(ablation: pd.DataFrame, reference: str = "FP") -> pd.DataFrame:
     each row's (dB; 0 for the reference itself)."""
     reference_psnr = ablation[ablation["variant"] == reference].set_index("dataset")["psnr"]
     if reference_psnr.empty:
-        raise ValueError(f"no variant {reference!r} in the ablation (variants: {list(dict.fromkeys(ablation['variant']))})")
+        raise ValueError(f"no variant {reference!r} in the ablation "
+                         f"(variants: {list(dict.fromkeys(ablation['variant']))})")
     return ablation.assign(loss=ablation["dataset"].map(reference_psnr) - ablation["psnr"])
 
 
@@ -269,7 +271,8 @@ def published_losses(scale: int, bits: int, labels: Iterable[str], datasets: Ite
     beside the published FP row (CondiQuant Table 3, official weights): columns method, table, dataset, psnr,
     fp_psnr, loss (dB). A (label, dataset) nobody published is left out."""
     paper = paper_results()
-    fp = paper[(paper["method"] == "FP") & (paper["scale"] == scale)].drop_duplicates("dataset").set_index("dataset")["psnr"]
+    fp_rows = paper[(paper["method"] == "FP") & (paper["scale"] == scale)]
+    fp = fp_rows.drop_duplicates("dataset").set_index("dataset")["psnr"]
     rows = paper[paper["method"].isin(list(labels)) & (paper["scale"] == scale) & (paper["bits"] == bits)
                  & paper["dataset"].isin(list(datasets))].drop_duplicates(["method", "dataset"])
     rows = rows.assign(fp_psnr=rows["dataset"].map(fp))

@@ -4,8 +4,9 @@ Numerically identical to the official implementation (JingyunLiang/SwinIR) for t
 ~1e-6 when inference runs the fused attention kernel), but every linear layer (``qkv``, ``proj``,
 ``fc1``, ``fc2``) and both attention batch-matmuls (``matmul_qk`` = Q·K^T, ``matmul_av`` = softmax·V)
 are named submodules that hooks can observe; :func:`quantlab.quant.quantize` swaps in quantized
-modules of the same names, so this file knows nothing of quantization. Module names drop the official ``residual_group`` level
-(``layers.0.blocks.1.mlp.fc2``); :mod:`quantlab.checkpoints` maps the official key layout.
+modules of the same names, so this file knows nothing of quantization. Module names drop the official
+``residual_group`` level (``layers.0.blocks.1.mlp.fc2``); :mod:`quantlab.checkpoints` maps the official key
+layout.
 """
 from __future__ import annotations
 
@@ -152,7 +153,8 @@ def masked_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return bias if mask is None else mask[:, None] + bias
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                    scale: float) -> torch.Tensor:
     """:meth:`WindowAttention.explicit_attention` as one ``scaled_dot_product_attention`` (no attention map in
     memory); the CPU kernel needs a mask of the batch's own size, so a per-window bias is expanded."""
     windows = bias.shape[0]

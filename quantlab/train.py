@@ -148,7 +148,8 @@ class Trainer:
         state = read_checkpoint(self.checkpoint_path)
         saved_scale = state["config"]["scale"]
         if saved_scale != self.config.scale:
-            raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; use another --out for x{self.config.scale}")
+            raise ValueError(f"{self.checkpoint_path} is a x{saved_scale} run; "
+                             f"use another --out for x{self.config.scale}")
         if (state["ema"] is None) != (self.ema is None):
             raise ValueError(f"{self.checkpoint_path} was trained with{'out' if state['ema'] is None else ''} EMA; "
                              f"resume it with the same --ema setting or use another --out")

@@ -206,7 +206,8 @@ def test_distribution_figures_and_bound_table_show_each_quantizers_own_levels(fp
 
     from quantlab.pipeline import quantize_with
 
-    models = {name: quantize_with(fp_model, name, 3, patches=patches, progress=False) for name in ("ptq4vit", "repq_vit")}
+    models = {name: quantize_with(fp_model, name, 3, patches=patches, progress=False)
+              for name in ("ptq4vit", "repq_vit")}
     softmax = "layers.0.blocks.1.attn.matmul_av.attn"
     column = analysis.representative_names(samples)["activation"].index(softmax)
     for qmodel in models.values():

@@ -269,7 +269,8 @@ def poison(value: float) -> Callable[[dict], None]:
 CHECKPOINT_CASES = [
     Case("empty-pth", raw_file("empty.pth", b""), load_model, CheckpointError,
          r"empty\.pth is empty \(0 bytes\).*fetch it again"),
-    Case("empty-safetensors", raw_file("empty.safetensors", b""), load_model, CheckpointError, r"empty\.safetensors is empty"),
+    Case("empty-safetensors", raw_file("empty.safetensors", b""), load_model, CheckpointError,
+         r"empty\.safetensors is empty"),
     Case("truncated-pth", cut(torch_file("cut.pth")), load_model, CheckpointError,
          r"cut\.pth is not a readable torch checkpoint: it is truncated or damaged.*fetch or copy it again"),
     Case("truncated-safetensors", cut(safetensors_file), load_model, CheckpointError,
@@ -317,7 +318,8 @@ def conditioned(patches: torch.Tensor) -> Callable[[SwinIR], object]:
 
 
 CONDITION_CASES = [
-    Case("condition-nan-patches", tiny_model(), conditioned(torch.rand(4, 3, 8, 8).index_fill_(0, torch.tensor([2]), float("nan"))),
+    Case("condition-nan-patches", tiny_model(),
+         conditioned(torch.rand(4, 3, 8, 8).index_fill_(0, torch.tensor([2]), float("nan"))),
          ValueError, r"calibration patches hold NaN or inf values \(patches \[2\]\)"),
     Case("condition-gray-patches", tiny_model(), conditioned(torch.rand(4, 1, 8, 8)), ValueError,
          r"calibration patches must have shape \(n, 3, h, w\)"),
@@ -330,7 +332,8 @@ CONDITION_CASES = [
          condition_numbers, ValueError, r"the model has NaN or inf weights in \['layers\.0\.blocks\.0\.attn\.qkv"),
     Case("condition-overflowing-activations", tiny_model(lambda s: s["layers.0.blocks.0.norm1.weight"].fill_(1e30)),
          conditioned(torch.rand(4, 3, 8, 8)), ValueError,
-         r"the inputs of \['layers\.0\.blocks\.0\.attn\.qkv', .*\] \(\+4 more\) hold NaN or inf \(activations overflowed\)"),
+         r"the inputs of \['layers\.0\.blocks\.0\.attn\.qkv', .*\] \(\+4 more\) "
+         r"hold NaN or inf \(activations overflowed\)"),
 ]
 
 def write_to(path_of: Callable[[Path], Path]) -> Callable[[Path], object]:
@@ -465,7 +468,8 @@ CLI_CASES = [
          SystemExit, r"--teacher applies to --method condiquant only"),
     Case("cli-quantize-iterations-minmax", nothing, cli("quantize", "--method", "minmax", "--iterations", "5", "--out",
                                                         "q"), SystemExit,
-         r"--iterations applies to --method dqc/2dquant/condiquant/quantlab only \(got --method minmax\); drop --iterations"),
+         r"--iterations applies to --method dqc/2dquant/condiquant/quantlab only "
+         r"\(got --method minmax\); drop --iterations"),
     Case("cli-quantize-seed-minmax", nothing, cli("quantize", "--method", "minmax", "--seed", "1", "--out", "q"),
          SystemExit, r"--seed applies to --method ptq4vit/noisyquant/dqc/2dquant/condiquant/quantlab only"),
     Case("cli-quantize-device", model_file, cli("quantize", "--model", model, "--method", "minmax", "--device", "bogus",
@@ -478,7 +482,8 @@ CLI_CASES = [
     Case("cli-train-export-under-file", with_file(None), cli("train", "--out", lambda f: str(f / "run"), "--export",
                                                              lambda f: str(f / "notes.txt" / "w.safetensors")),
          SystemExit, r"notes\.txt is a file, not a folder"),
-    Case("cli-train-schedule-short", nothing, cli("train", "--out", "run", "--steps", "100", "--patch-schedule", "10:32"),
+    Case("cli-train-schedule-short", nothing, cli("train", "--out", "run", "--steps", "100", "--patch-schedule",
+                                                  "10:32"),
          SystemExit, r"--patch-schedule ends at step 10, before --steps 100"),
     Case("cli-train-schedule-zero", nothing, cli("train", "--out", "run", "--patch-schedule", "0:32"), SystemExit,
          r"argument --patch-schedule: must be until_step:size pairs with rising steps"),

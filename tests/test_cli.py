@@ -53,7 +53,8 @@ def test_dobi_mode_is_recorded_and_refused_for_methods_without_dobi(tiny_checkpo
     assert load_quantized(out, load_model(tiny_checkpoint)).method_config.settings["dobi_mode"] == "release"
     with pytest.raises(SystemExit) as exit_:
         main(["quantize", "--method", "minmax", "--dobi-mode", "release", "--out", "q.pt"])
-    assert exit_.value.code == 2 and "--dobi-mode applies to --method dobi/2dquant/condiquant/quantlab only" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "--dobi-mode applies to --method dobi/2dquant/condiquant/quantlab only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -194,7 +195,8 @@ def test_the_recipe_quantizes_evaluates_and_exports_like_every_method(tiny_check
 
     from quantlab.cost import load_packed
 
-    main(["quantize", "--model", str(tiny_checkpoint), "--method", "quantlab", "--bits", "2", "--data", str(train_folder),
+    main(["quantize", "--model", str(tiny_checkpoint), "--method", "quantlab", "--bits", "2",
+          "--data", str(train_folder),
           "--iterations", "2", "--out", str(tmp_path / "q.pt"), "--export-packed", str(tmp_path / "q.safetensors")])
     qmodel = load_quantized(tmp_path / "q.pt", load_model(tiny_checkpoint))
     assert qmodel.method_config.method == "quantlab" and qmodel.method_config.settings["dqc"]["iterations"] == 2

@@ -27,7 +27,8 @@ def variance_penalty(s: torch.Tensor) -> torch.Tensor:
 
 def test_variance_prox_matches_brute_force_minimisation():
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(6, 9, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 9, dtype=torch.float64))
+    a = (torch.randn(6, 9, generator=gen, dtype=torch.float64)
+         @ torch.diag(torch.logspace(0, -2, 9, dtype=torch.float64)))
     tau = 0.7
     closed = prox_step(a, "variance", tau, kappa_target=1.0)
 
@@ -188,7 +189,8 @@ def test_sequential_statistics_change_only_later_rstbs(patches):
     assert len(seq_report) == 16
     fp_state, seq_state = fp_model.state_dict(), seq_model.state_dict()
     assert torch.equal(fp_state["layers.0.blocks.1.mlp.fc2.weight"], seq_state["layers.0.blocks.1.mlp.fc2.weight"])
-    assert not torch.equal(fp_state["layers.1.blocks.0.attn.qkv.weight"], seq_state["layers.1.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(fp_state["layers.1.blocks.0.attn.qkv.weight"],
+                           seq_state["layers.1.blocks.0.attn.qkv.weight"])
 
 
 def test_invalid_options_are_rejected():

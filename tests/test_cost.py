@@ -68,7 +68,8 @@ def test_packed_levels_decode_to_the_fake_quantized_weights(x4):
 
 
 @pytest.mark.parametrize("config", [QuantConfig(bits=2), QuantConfig(bits=4, act_bits=3, per_channel_weights=True),
-                                    QuantConfig(bits=3, split_qkv=False)], ids=["w2a2", "w4a3-per-channel", "joint-qkv"])
+                                    QuantConfig(bits=3, split_qkv=False)],
+                         ids=["w2a2", "w4a3-per-channel", "joint-qkv"])
 def test_reloaded_packed_model_gives_the_fake_quantized_outputs(tmp_path, tiny_checkpoint, config):
     from quantlab import load_model
 

@@ -121,7 +121,8 @@ def test_16bit_png_decodes_to_its_8bit_scale(tmp_path, channels):
     white (Pillow's convert("RGB") clips I;16 at 255), and RGB reads as Pillow decodes it."""
     rng = np.random.default_rng(0)
     image8 = rng.integers(0, 256, (12, 10, 3)[: 2 if channels == 1 else 3], dtype=np.uint8)
-    write_png16(tmp_path / "a.png", image8.astype(np.uint16) * 256 + rng.integers(0, 256, image8.shape, dtype=np.uint16))
+    write_png16(tmp_path / "a.png",
+                image8.astype(np.uint16) * 256 + rng.integers(0, 256, image8.shape, dtype=np.uint16))
     expected = image8 if channels == 3 else np.repeat(image8[..., None], 3, -1)
     assert np.array_equal(read_image(tmp_path / "a.png"), expected)
 

@@ -14,7 +14,8 @@ TINY = SwinIRConfig(scale=2, embed_dim=12, depths=(2, 2), num_heads=(2, 2), wind
 def models():
     torch.manual_seed(0)
     fp = SwinIR(TINY).eval()
-    return fp, minmax(quantize(fp, QuantConfig(bits=3)), torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    return fp, minmax(quantize(fp, QuantConfig(bits=3)),
+                      torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
 
 
 def first_gradients(fp, qmodel, folder, grad_scales):

@@ -125,7 +125,8 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_grid_completes(reference, 
         assert result["computed"] == 12
         client.close()
         pd.testing.assert_frame_equal(scores(results_grid([tiny_checkpoint], out=tmp_path / "out",
-                                                          train_folder=train_folder, progress=False, **GRID)), reference)
+                                                          train_folder=train_folder, progress=False,
+                                                          **GRID)), reference)
     finally:
         for process in processes:
             if process.poll() is None:

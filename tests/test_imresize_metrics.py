@@ -17,7 +17,8 @@ def test_bicubic_is_byte_equal_to_matlab_lr_files(name, scale):
         expected = read_image(bench.lr_path(hr_path))
         made = bicubic_downsample(read_image(hr_path), scale)
         assert made.shape == expected.shape, hr_path.name
-        assert np.array_equal(made, expected), f"{hr_path.name} x{scale}: max diff {np.abs(made.astype(int) - expected).max()}"
+        assert np.array_equal(made, expected), (
+            f"{hr_path.name} x{scale}: max diff {np.abs(made.astype(int) - expected).max()}")
 
 
 def test_contribution_weights_sum_to_one_and_indices_stay_inside():

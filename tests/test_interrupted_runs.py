@@ -98,7 +98,8 @@ def test_a_killed_reproduction_keeps_the_cells_it_finished(tiny_checkpoint, trai
     Set14) killed with its kernel once a cell is cached: the rerun leaves the cached cells untouched,
     computes the others and writes the table of an uninterrupted run."""
     def reproduce(out: Path) -> list[str]:
-        return quantlab("reproduce", "--quick", "--only", "table_2dquant", "--out", out, "-p", f"model={tiny_checkpoint}",
+        return quantlab("reproduce", "--quick", "--only", "table_2dquant", "--out", out,
+                        "-p", f"model={tiny_checkpoint}",
                         "-p", f"train={train_folder}", "-p", 'methods=["fp", "bicubic", "minmax", "dobi"]')
 
     def cells(out: Path) -> dict[Path, int]:

@@ -171,7 +171,8 @@ def test_the_recipe_ablation_has_a_row_per_component_and_undoes_the_recipe_crops
     dqc_crops = {k: dqc[k] for k in crops}
     assert crops == methods.RECIPE_CROPS["quick"] != dqc_crops
     same = methods.same_pixels_iterations("quick")
-    pixels = {"recipe": crops["batch_size"] * crops["patch_size"] ** 2, "dqc": dqc["batch_size"] * dqc["patch_size"] ** 2}
+    pixels = {"recipe": crops["batch_size"] * crops["patch_size"] ** 2,
+              "dqc": dqc["batch_size"] * dqc["patch_size"] ** 2}
     assert same * pixels["dqc"] == quick.settings["dqc"]["iterations"] * pixels["recipe"]
     rows = methods.recipe_ablation("quick")
     assert rows[f"2DQuant, DQC {same} iterations"] == ("2dquant", {"iterations": same})

@@ -158,13 +158,15 @@ def test_save_load_round_trip_and_foreign_model_refused(fp_model, tmp_path, meth
 
 def test_dobi_mode_chooses_the_search_of_one_sided_tensors(fp_model):
     patches = torch.rand(2, 3, 16, 16)
-    models = {mode: quantize_with(fp_model, "dobi", bits=3, patches=patches, dobi_mode=mode) for mode in ("paper", "release")}
+    models = {mode: quantize_with(fp_model, "dobi", bits=3, patches=patches, dobi_mode=mode)
+              for mode in ("paper", "release")}
     assert quantize_with(fp_model, "dobi", bits=3, patches=patches).method_config.settings["dobi_mode"] == "paper"
     for mode, qmodel in models.items():
         expected = calibrate.dobi(quantize(fp_model, QuantConfig(bits=3)), patches, mode=mode)
         assert all(torch.equal(a.lower, b.lower) and torch.equal(a.upper, b.upper)
                    for (_, a), (_, b) in zip(quantizers(qmodel), quantizers(expected), strict=True))
-    lowers = {mode: [q.lower.item() for _, q in quantizers(m) if q.kind == "post_softmax"] for mode, m in models.items()}
+    lowers = {mode: [q.lower.item() for _, q in quantizers(m) if q.kind == "post_softmax"]
+              for mode, m in models.items()}
     assert lowers["paper"] != lowers["release"]  # one-sided keeps l = min; symmetric raises it
     for method, mode in (("minmax", "paper"), ("dobi", "both")):
         with pytest.raises(ValueError, match="dobi_mode"):
@@ -175,7 +177,8 @@ def test_quantize_and_eval_cli(fp_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     save_model(fp_model, tmp_path / "fp.safetensors")
     out = tmp_path / "q4.pt"
-    main(["quantize", "--model", str(tmp_path / "fp.safetensors"), "--method", "minmax", "--bits", "4", "--out", str(out)])
+    main(["quantize", "--model", str(tmp_path / "fp.safetensors"), "--method", "minmax", "--bits", "4",
+          "--out", str(out)])
     assert out.is_file() and "64 quantizers" in capsys.readouterr().out
     main(["eval", "--model", str(tmp_path / "fp.safetensors"), "--quantized", str(out), "--datasets", "Set5",
           "--limit", "1", "--json"])

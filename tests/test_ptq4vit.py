@@ -182,7 +182,8 @@ def test_linear_search_picks_the_best_hessian_weighted_candidate_by_brute_force(
         best_w = []
         for i, layer in enumerate(layers):
             cols = slice(4 * i, 4 * i + 4)
-            errors = [candidate_error(F.linear(x_q, P.symmetric_quantize(layer.linear.weight, s, bits), layer.linear.bias),
+            errors = [candidate_error(F.linear(x_q, P.symmetric_quantize(layer.linear.weight, s, bits),
+                                               layer.linear.bias),
                                       fp(x)[:, cols], grad[:, cols]) for s in w_grids[i]]
             best_w.append(w_grids[i][min(range(len(errors)), key=errors.__getitem__)])
         w_q = torch.cat([P.symmetric_quantize(layer.linear.weight, s, bits) for layer, s in zip(layers, best_w)])

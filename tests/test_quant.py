@@ -290,7 +290,8 @@ def test_dobi_algorithm1_grid_equals_the_printed_algorithm(symmetric, bits):
     ref_lower, ref_upper = algorithm1_dobi(x, bits, symmetric, 100)
     assert (lower.item(), upper.item()) == pytest.approx((ref_lower.item(), ref_upper.item()), abs=1e-6)
     grid_lower, grid_upper = dobi_candidates(x.min(), x.max(), symmetric, 100, grid="algorithm1")
-    assert len(grid_upper) == 101 and grid_upper[1].item() == pytest.approx(x.max().item() - (x.max() - x.min()).item() / 200, abs=1e-6)
+    assert len(grid_upper) == 101
+    assert grid_upper[1].item() == pytest.approx(x.max().item() - (x.max() - x.min()).item() / 200, abs=1e-6)
     if symmetric:
         assert grid_lower[-1].item() == pytest.approx(grid_upper[-1].item(), abs=1e-6)  # i = K: l = u = the mid-range
     else:

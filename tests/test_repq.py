@@ -71,7 +71,8 @@ def test_fit_uniform_keeps_the_percentile_with_the_lowest_error_per_column():
         candidates = [(torch.quantile(x[:, c], 1 - p), torch.quantile(x[:, c], p)) for p in repq.PERCENTILES]
         errors = [(official_uniform(x[:, c], lo, hi, 3) - x[:, c]).square().sum() for lo, hi in candidates]
         lo, hi = candidates[min(range(3), key=lambda i: errors[i])]
-        assert torch.allclose(fake_quantize(x[:, c], lower[c], upper[c], 3), official_uniform(x[:, c], lo, hi, 3), atol=1e-5)
+        assert torch.allclose(fake_quantize(x[:, c], lower[c], upper[c], 3), official_uniform(x[:, c], lo, hi, 3),
+                              atol=1e-5)
 
 
 def test_fit_log_sqrt2_keeps_the_percentile_with_the_lowest_error():

@@ -150,7 +150,8 @@ def test_distilled_methods_start_from_the_cached_stage1_model(tiny_checkpoint, t
     assert cache.quantized_path(cache.fp_model(tiny_checkpoint)[1], methods.resolve("minmax", 4)).is_file()
     release = cache.quantized(tiny_checkpoint, "2dquant", 4, dobi_mode="release", **options)
     assert calibrations == [1, 1]  # a release-mode DOBI cell of its own, not the paper-mode one
-    assert cache.quantized(tiny_checkpoint, "dobi", 4, dobi_mode="release").method_config.settings["dobi_mode"] == "release"
+    assert cache.quantized(tiny_checkpoint, "dobi", 4,
+                           dobi_mode="release").method_config.settings["dobi_mode"] == "release"
     assert calibrations == [1, 1] and release.method_config.settings["dobi_mode"] == "release"
     with pytest.raises(ValueError, match="stage1"):
         pipeline.quantize_with(load_model(tiny_checkpoint), "dobi", 4, stage1=reused, train_folder=train_folder)

@@ -80,7 +80,8 @@ def oracle_block(x, state, prefix, h, w, window, heads, shift):
     logits = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias + mask
     attn = (logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
     x = x + linear(attn, state, prefix + ".attn.proj")
-    y = linear(F.gelu(linear(layer_norm(x, state, prefix + ".norm2"), state, prefix + ".mlp.fc1")), state, prefix + ".mlp.fc2")
+    y = linear(F.gelu(linear(layer_norm(x, state, prefix + ".norm2"), state, prefix + ".mlp.fc1")), state,
+               prefix + ".mlp.fc2")
     return x + y
 
 
@@ -314,7 +315,8 @@ def test_config_inferred_from_weights(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(realistic_official_state(config), path)
     assert load_model(path).config == config
-    assert infer_config(quantlab.checkpoints.from_official_keys(realistic_official_state(SwinIRConfig(scale=4)))).scale == 4
+    assert infer_config(quantlab.checkpoints.from_official_keys(
+        realistic_official_state(SwinIRConfig(scale=4)))).scale == 4
 
 
 def test_params_ema_preferred_and_safetensors_round_trip(tmp_path, official_checkpoint):

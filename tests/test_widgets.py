@@ -161,7 +161,8 @@ def test_explorer_loads_a_named_model_on_the_picked_device(tiny_checkpoint, patc
     """``device=None``: CUDA when available (the GPU cannot run here, so the call is recorded)."""
     from quantlab import checkpoints, widgets
     devices = []
-    monkeypatch.setattr(checkpoints, "load_model", lambda source, device="cpu": devices.append(device) or load_model(source))
+    monkeypatch.setattr(checkpoints, "load_model",
+                        lambda source, device="cpu": devices.append(device) or load_model(source))
     widgets.QuantizerExplorer(tiny_checkpoint, patches=patches, crop=16)
     assert devices == [None]
 
