@@ -91,7 +91,8 @@ def attention_kernel_rounds(qmodel: torch.nn.Module, rounds: int, windows: int =
     """Seconds per round of quantlab's attention kernel on one Swin layer's windows of a 256 x 256 input (1024 x 6
     heads x 64 tokens x 10 channels, random q/k/v, the model's own bias), FP and with the four quantizers of
     ``qmodel``'s first attention (their specs as the quantized forward passes them), taking turns three calls
-    each: the quantized attention's own cost, apart from the linear layers'."""
+    each, the first turn of each round alternating: the quantized attention's own cost, apart from the linear
+    layers'."""
     attn = next(module for module in qmodel.modules() if isinstance(module, QuantWindowAttention))
     specs = tuple(quantizer.kernel_spec() for quantizer in attn.operand_quantizers())
     generator = torch.Generator().manual_seed(0)
@@ -101,12 +102,13 @@ def attention_kernel_rounds(qmodel: torch.nn.Module, rounds: int, windows: int =
     with torch.no_grad():
         bias = attn.attention_bias(tokens)
     runs = {"FP": None, "quantized": specs}
-    seconds = {name: [] for name in runs}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, operand_specs in runs.items():
+    names = list(runs)
+    seconds = {name: [] for name in names}
+    for round_ in range(rounds + 1):  # the first round warms up
+        for name in names if round_ % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             for _ in range(3):
-                kernels.window_attention(q, k, v, bias, attn.scale, operand_specs)
+                kernels.window_attention(q, k, v, bias, attn.scale, runs[name])
             seconds[name].append(time.perf_counter() - start)
     return {name: times[1:] for name, times in seconds.items()}
 

@@ -66,4 +66,5 @@ def test_attention_kernel_rounds_time_fp_and_the_models_first_attention_quantize
     expected = tuple(quantizer.kernel_spec() for quantizer in (first.matmul_qk.q, first.matmul_qk.k,
                                                                first.matmul_av.attn, first.matmul_av.v))
     assert expected[2] == pytest.approx((0.0, 0.5 / 15, 15)) and expected[3] is None  # the first attention's own
-    assert calls == ([None] * 3 + [expected] * 3) * 3  # a warm-up round, then two; three calls per turn
+    fp_first, quantized_first = [None] * 3 + [expected] * 3, [expected] * 3 + [None] * 3
+    assert calls == fp_first + quantized_first + fp_first  # a warm-up round, then two, the first turn alternating
