@@ -149,6 +149,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     models = resolve_models(comma_list(args.model), args.scale, args.device)
     if not models:
         raise ValueError("nothing to evaluate: no model matched --model/--scale")
+    rows: dict[tuple[str, int], str] = {}
+    for name, scale, _ in models:
+        row = (model_label(name), scale)
+        if row in rows:
+            raise ValueError(f"--model {rows[row]} and {name} would share the row {row[0]!r} at x{scale}; give each "
+                             "model once, under file names that differ")
+        rows[row] = name
     if args.quantized and (len(models) != 1 or isinstance(models[0][2], str)):
         raise ValueError("--quantized needs exactly one FP model (--model default-x2 or a checkpoint path)")
     if args.json and len(models) > 1:
@@ -198,6 +205,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     check_output_path(args.out, inputs=[args.model])
     if args.export_packed:
         check_output_path(args.export_packed, inputs=[args.model, args.out])
+        if Path(args.export_packed).resolve() == Path(args.out).resolve():
+            raise ValueError(f"--export-packed {args.export_packed} is the --out file too: the packed file would "
+                             "replace the quantized model; give it another path, e.g. q.safetensors")
     if args.threads:
         torch.set_num_threads(args.threads)
     fp_model = load_model(args.model, device=args.device)
@@ -219,6 +229,12 @@ def cmd_table(args: argparse.Namespace) -> None:
     check_benchmarks(args.datasets, args.scales)
     if args.threads:
         torch.set_num_threads(args.threads)
+    for scale in args.scales:
+        source = model_for_scale(args.model, scale)
+        own = load_model(source).scale
+        if own != scale:
+            raise ValueError(f"--model {source} is a x{own} model, but --scales asks for x{scale}; put {{scale}} in "
+                             f"--model (e.g. runs/x{{scale}}.safetensors) or give --scales {own}")
     sources = list(dict.fromkeys(model_for_scale(args.model, s) for s in args.scales))
     if args.workers or args.scheduler:
         fill(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out, args.limit,

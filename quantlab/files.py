@@ -3,6 +3,7 @@ that keep an output path from replacing a folder or one of the run's own input f
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -11,8 +12,9 @@ from pathlib import Path
 
 def check_output_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
     """``path`` as a Path if a file can be written there; else a ValueError naming it: when it is a
-    folder, when a parent is a file, or when it is one of ``inputs`` (writing would replace an input).
-    Call it before the computation whose result goes to ``path``."""
+    folder, when a parent is a file, when its nearest existing folder takes no new file (a throw-away
+    file is made and removed there: permissions, a read-only disk, /proc), or when it is one of ``inputs``
+    (writing would replace an input). Call it before the computation whose result goes to ``path``."""
     path = Path(path)
     if not path.name or path.is_dir():
         raise ValueError(f"output {path} is a folder; give a file path inside it")
@@ -20,6 +22,11 @@ def check_output_path(path: str | Path, inputs: Iterable[str | Path] = ()) -> Pa
         if parent.exists():
             if not parent.is_dir():
                 raise ValueError(f"output {path} cannot be written: {parent} is a file, not a folder")
+            try:
+                tempfile.TemporaryFile(dir=parent).close()
+            except OSError as err:
+                raise ValueError(f"output {path} cannot be written: {parent} takes no new file ({err.strerror}); "
+                                 "choose another path") from None
             break
     for source in inputs:
         if Path(source).exists() and path.exists() and path.samefile(source):

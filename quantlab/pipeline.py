@@ -153,12 +153,15 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
 def quantize_to_file(fp_model: nn.Module, method: str, bits: int, path: str | Path, preset: str = "quick",
                      inputs: Iterable[str | Path] = (), **options) -> nn.Module:
     """:func:`quantize_with` (``options`` passed on), saved to ``path``; DQC resumes from ``path`` with
-    the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written.
-    ``path`` is checked before any computation: not a folder, not under a file, not one of ``inputs``
-    (e.g. the FP checkpoint the run reads)."""
+    the suffix ``.dqc.pt`` (``q.dqc.pt`` for ``q.pt``), removed once the quantized-model file is written if
+    this run wrote it (a method without DQC leaves a file of that name alone). Both paths are checked before
+    any computation: not a folder, not under a file, not one of ``inputs`` (e.g. the FP checkpoint the run
+    reads)."""
     path = check_output_path(path, inputs)
-    checkpoint = path.with_suffix(".dqc.pt")
+    checkpoint = check_output_path(path.with_suffix(".dqc.pt"), inputs)
+    found = checkpoint.stat().st_mtime_ns if checkpoint.exists() else None
     qmodel = quantize_with(fp_model, method, bits=bits, preset=preset, checkpoint=checkpoint, **options)
     save_quantized(qmodel, fp_model, path)
-    checkpoint.unlink(missing_ok=True)
+    if checkpoint.exists() and checkpoint.stat().st_mtime_ns != found:
+        checkpoint.unlink()
     return qmodel

@@ -48,6 +48,22 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse a setting that would train a broken model without an error (NaN weights, a diverging EMA)."""
+        rules = [
+            ("steps", self.steps >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a finite positive learning rate such as 1e-3"),
+            ("warmup_steps", self.warmup_steps >= 0, "at least 0"),
+            ("final_lr_ratio", 0 <= self.final_lr_ratio <= 1, "in [0, 1]"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 disables the EMA; 0.999 is the default)"),
+            ("grad_clip", self.grad_clip >= 0, "at least 0 (0 disables clipping)"),
+            ("val_every", self.val_every >= 0, "at least 0 steps (0: no validation)"),
+            ("checkpoint_minutes", self.checkpoint_minutes >= 0, "at least 0 minutes"),
+        ]
+        for name, holds, rule in rules:
+            if not holds:
+                raise ValueError(f"training setting {name} must be {rule}, got {getattr(self, name)!r}")
+
     def patch_size(self, step: int) -> int:
         return next(size for until, size in self.patch_schedule if step < until)
 

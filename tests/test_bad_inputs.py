@@ -408,6 +408,19 @@ def model(folder: Path) -> str:
     return str(folder / "m.safetensors")
 
 
+def model_named_like_the_dqc_twin(folder: Path) -> Path:
+    """The folder, holding the tiny model as ``q.dqc.pt``: the name DQC checkpoints ``--out q.pt`` under."""
+    safetensors_file(folder).rename(folder / "q.dqc.pt")
+    return folder
+
+
+def the_model_twice(folder: Path) -> Path:
+    """The folder, holding the tiny model as ``m.safetensors`` and a copy as ``sub/m.safetensors``."""
+    (folder / "sub").mkdir()
+    (folder / "sub" / "m.safetensors").write_bytes(safetensors_file(folder).read_bytes())
+    return folder
+
+
 def quantized(folder: Path) -> str:
     return str(folder / "q.pt")
 
@@ -522,6 +535,26 @@ CLI_CASES = [
          cli("quantize", "--model", model, "--method", "minmax", "--out", lambda f: str(f / "q.pt"),
              "--export-packed", lambda f: str(f / "notes.txt" / "q.safetensors")), SystemExit,
          r"notes\.txt is a file, not a folder"),
+    Case("cli-quantize-out-twin-is-the-model", model_named_like_the_dqc_twin,
+         cli("quantize", "--model", lambda f: str(f / "q.dqc.pt"), "--method", "minmax", "--out",
+             lambda f: str(f / "q.pt")), SystemExit, r"q\.dqc\.pt is also an input of this run"),
+    Case("cli-export-packed-is-out", model_file,
+         cli("quantize", "--model", model, "--method", "minmax", "--out", lambda f: str(f / "q.pt"),
+             "--export-packed", lambda f: str(f / "q.pt")), SystemExit,
+         r"--export-packed .*q\.pt is the --out file too: the packed file would replace the quantized model"),
+    Case("cli-quantize-out-unwritable", model_file,
+         cli("quantize", "--model", model, "--method", "minmax", "--out", "/proc/q.pt"), SystemExit,
+         r"output /proc/q\.pt cannot be written: /proc takes no new file"),
+    Case("cli-eval-two-models-one-row", the_model_twice,
+         cli("eval", "--model", lambda f: f"{f / 'm.safetensors'},{f / 'sub' / 'm.safetensors'}", "--datasets",
+             "Set5", "--limit", "1"), SystemExit, r"would share the row 'm' at x2; give each model once"),
+    Case("cli-table-model-of-another-scale", model_file,
+         cli("table", "--model", model, "--scales", "3", "--methods", "fp", "--datasets", "Set5"), SystemExit,
+         r"m\.safetensors is a x2 model, but --scales asks for x3; put \{scale\} in --model"),
+    Case("cli-train-ema-nan", nothing, cli("train", "--out", "run", "--ema", "nan"), SystemExit,
+         r"training setting ema_decay must be in \[0, 1\)"),
+    Case("cli-train-lr-inf", nothing, cli("train", "--out", "run", "--lr", "inf"), SystemExit,
+         r"training setting lr must be a finite positive learning rate"),
     Case("cli-quantized-pickled-code", lambda f: pickled_code(model_file(f)).rename(f / "q.pt") and f,
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a weights-only checkpoint"),
 ]

@@ -217,3 +217,11 @@ def test_quantize_to_file_removes_the_dqc_checkpoint(tiny_checkpoint, train_fold
     assert checkpoint_when_saved == [True]  # DQC wrote its resume file ...
     assert path.is_file() and not path.with_suffix(".dqc.pt").exists()  # ... removed once the model file exists
     assert load_quantized(path, fp).method_config == qmodel.method_config
+
+
+def test_quantize_to_file_leaves_a_file_named_like_the_checkpoint_alone_when_it_wrote_none(tiny_checkpoint, tmp_path):
+    """A method without DQC writes no checkpoint, so a user's q.dqc.pt is not this run's to delete."""
+    path = tmp_path / "q.pt"
+    path.with_suffix(".dqc.pt").write_text("the user's file")
+    pipeline.quantize_to_file(load_model(tiny_checkpoint), "minmax", 4, path, patches=torch.rand(2, 3, 8, 8))
+    assert path.is_file() and path.with_suffix(".dqc.pt").read_text() == "the user's file"
