@@ -70,6 +70,14 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a device to run models on; ``meta`` (shapes without data, the API tests' stand-in for a
+    GPU) is refused here. Whether this machine has it is checked by :func:`~quantlab.runtime.pick_device`."""
+    if text.strip().lower().startswith("meta"):
+        raise argparse.ArgumentTypeError(f"{text!r} holds no data and cannot run a model; use cpu, cuda or mps")
+    return text
+
+
 def dataset_list(text: str) -> list[str]:
     """An argparse type: a comma list of distinct benchmark sets, each found in the data folder before any
     computation."""
@@ -220,10 +228,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    if Path(args.name).name != args.name or args.name in (".", ".."):
+    if not args.name or Path(args.name).name != args.name or args.name in (".", ".."):
         raise ValueError(f"--name is a file stem inside --out, got {args.name!r}; use --out to choose the folder")
     for suffix in ("csv", "md", "tex"):
         check_output_path(Path(args.out) / f"{args.name}.{suffix}")
+    if not comma_list(args.methods):
+        raise ValueError(f"--methods names no method; give some of {', '.join(methods.names())}")
     for method in comma_list(args.methods):
         methods.get(method)
     check_benchmarks(args.datasets, args.scales)
@@ -328,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--datasets", type=dataset_list, default="Set5,Set14")
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=positive_int, default=None, help="first N images of each set (quick checks)")
-    ev.add_argument("--device", default=None, help=DEVICE_HELP)
+    ev.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     ev.add_argument("--quantized", default=None,
                     help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
@@ -357,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(DQC's training patches, PTQ4ViT's and NoisyQuant's calibration subsets; default 0)")
     qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
-    qu.add_argument("--device", default=None, help=DEVICE_HELP)
+    qu.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     qu.add_argument("--out", required=True,
                     help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
     qu.add_argument("--export-packed", default=None,
@@ -419,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-minutes", type=float, default=5.0)
     tr.add_argument("--threads", type=positive_int, default=None)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default=None, help=DEVICE_HELP)
+    tr.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
     tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
     tr.add_argument("--export", default=None, help="write the EMA weights here (.safetensors) at the end")
     tr.set_defaults(func=cmd_train)
