@@ -112,6 +112,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
+    if isinstance(state, dict) and isinstance(state.get("format"), str):
+        raise CheckpointError(f"{path} is a {state['format']} file, not FP weights: give a quantized-model file to "
+                              "'quantlab eval --quantized', with the FP weights it was made from as --model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import methods
-from .checkpoints import load_weights_only, weights_fingerprint
+from .checkpoints import file_format, load_weights_only, weights_fingerprint
 from .files import atomic_path, check_output_path
 from .methods import Calibration, MethodConfig
 from .quant import QuantConfig, quantizers
@@ -119,6 +119,10 @@ def load_quantized(path: str | Path, fp_model: nn.Module) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"no quantized-model file at {path}; "
                                 f"make one with 'quantlab quantize ... --out {path}'")
+    if path.stat().st_size and file_format(path) == "safetensors":
+        raise ValueError(f"{path} is a safetensors file, not a quantized-model file (a torch file): if --export-packed "
+                         "wrote it, it is the deployable packed model, which quantlab.cost.load_packed reads; pass the "
+                         "file 'quantlab quantize --out' wrote")
     payload = load_weights_only(path)
     remake = f"make it again with 'quantlab quantize ... --out {path}'"
     if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *OLD_FORMATS):

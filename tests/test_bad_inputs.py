@@ -23,7 +23,8 @@ from PIL import Image
 from quantlab import data, files, imresize, metrics, runtime
 from quantlab.checkpoints import CheckpointError, load_model, save_model
 from quantlab.cli import main
-from quantlab.pipeline import quantize_with, save_quantized
+from quantlab.cost import export_packed
+from quantlab.pipeline import load_quantized, quantize_with, save_quantized
 from quantlab.condition import condition_model, condition_numbers
 from quantlab.swinir import SwinIR, SwinIRConfig
 
@@ -388,6 +389,13 @@ def quantized_file(edit: Callable[[dict], object] = lambda payload: None, keep: 
     return make
 
 
+def packed_file(folder: Path) -> Path:
+    """The folder of :func:`quantized_file`, with ``q.pt``'s deployable packed file ``q.safetensors``."""
+    quantized_file()(folder)
+    export_packed(load_quantized(folder / "q.pt", load_model(model(folder))), folder / "q.safetensors")
+    return folder
+
+
 def first_bound(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
     def edit(payload: dict) -> None:
         name = next(k for k in payload["state"] if k.endswith(".lower"))
@@ -561,6 +569,10 @@ CLI_CASES = [
          r"training setting ema_decay must be in \[0, 1\)"),
     Case("cli-train-lr-inf", nothing, cli("train", "--out", "run", "--lr", "inf"), SystemExit,
          r"training setting lr must be a finite positive learning rate"),
+    Case("cli-quantized-is-the-packed-file", packed_file,
+         cli(*EVAL, "--quantized", lambda f: str(f / "q.safetensors")), SystemExit, r"q\.safetensors is a safetensors file, not a quantized-model file .*load_packed reads"),
+    Case("cli-model-is-a-quantized-file", quantized_file(), cli("eval", "--model", quantized, "--datasets", "Set5"),
+         SystemExit, r"q\.pt is a quantlab-quantized-v2 file, not FP weights: give a quantized-model file to"),
     Case("cli-quantized-pickled-code", lambda f: pickled_code(model_file(f)).rename(f / "q.pt") and f,
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a weights-only checkpoint"),
 ]
