@@ -58,9 +58,21 @@ def int_list(allowed: Sequence[int]) -> Callable[[str], list[int]]:
         if not items or not all(item.isdigit() and int(item) in allowed for item in items):
             raise argparse.ArgumentTypeError(f"must be {names}, as a comma list such as {allowed[0]},{allowed[-1]}; "
                                              f"got {text!r}")
-        return [int(item) for item in items]
+        values = [int(item) for item in items]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, repeated))} given twice; name each once")
+        return values
 
     return parse
+
+
+def path_text(text: str) -> str:
+    """An argparse type: a file or folder path, not empty (an empty one would silently mean the default or
+    the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path or drop the option")
+    return text
 
 
 def positive_int(text: str) -> int:
@@ -268,6 +280,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
         raise ValueError(f"--preset applies to --full only (--quick runs the quick presets); add --full or drop "
                          f"--preset {args.preset}")
     figures = args.figures or Path(args.out) / "figures"
+    # a file where a folder must go fails now, not after the first notebook ran
+    check_output_path(Path(args.out) / "notebooks" / f"{NOTEBOOKS[0].name}.ipynb")
+    check_output_path(Path(figures) / "figure.png")
     print(f"quantlab reproduce --{mode}: executed notebooks in {Path(args.out) / 'notebooks'}, figures in {figures}")
     overrides = dict(args.parameter) | ({"preset": args.preset} if args.preset else {})
     if args.workers or args.scheduler:
@@ -339,10 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pad", default="2dquant", choices=PAD_MODES, help="mirror padding rule (evaluation doc)")
     ev.add_argument("--limit", type=positive_int, default=None, help="first N images of each set (quick checks)")
     ev.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    ev.add_argument("--quantized", default=None,
+    ev.add_argument("--quantized", type=path_text, default=None,
                     help="quantized-model file from 'quantlab quantize' (bounds for --model)")
     ev.add_argument("--json", action="store_true", help="print one JSON object {dataset: {psnr, ssim, images}}")
-    ev.add_argument("--out", default=None, help="folder for per_image.csv and summary.csv")
+    ev.add_argument("--out", type=path_text, default=None, help="folder for per_image.csv and summary.csv")
     ev.set_defaults(func=cmd_eval)
 
     qu = sub.add_parser("quantize", help="calibrate a quantized model and save its bounds")
@@ -365,12 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--seed", type=int, default=None,
                     help=f"{'/'.join(methods.taking('seed'))}: the seed of the random sample the method draws "
                     "(DQC's training patches, PTQ4ViT's and NoisyQuant's calibration subsets; default 0)")
-    qu.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
+    qu.add_argument("--data", type=path_text, default=None, help="folder of HR training images (default <data>/train)")
     qu.add_argument("--threads", type=positive_int, default=None)
     qu.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    qu.add_argument("--out", required=True,
+    qu.add_argument("--out", type=path_text, required=True,
                     help="quantized-model file (.pt); DQC resumes from its .dqc.pt twin (q.dqc.pt for q.pt)")
-    qu.add_argument("--export-packed", default=None,
+    qu.add_argument("--export-packed", type=path_text, default=None,
                     help="also write the deployable file (.safetensors: bit-packed weights, bounds, FP parameters)")
     qu.set_defaults(func=cmd_quantize)
 
@@ -385,10 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="quick, paper (the papers' text) or release (the released code: the published numbers' "
                     "settings, DOBI symmetric in the DOBI and 2DQuant rows)")
     ta.add_argument("--limit", type=positive_int, default=None, help="first N images of each set")
-    ta.add_argument("--data", default=None, help="folder of HR training images for calibration (default <data>/train)")
+    ta.add_argument("--data", type=path_text, default=None,
+                    help="folder of HR training images for calibration (default <data>/train)")
     ta.add_argument("--name", default="table", help="file stem of the CSV/markdown/LaTeX tables")
     ta.add_argument("--threads", type=positive_int, default=None)
-    ta.add_argument("--out", default="results", help="results folder (cache + tables)")
+    ta.add_argument("--out", type=path_text, default="results", help="results folder (cache + tables)")
     add_cluster_arguments(ta)
     ta.set_defaults(func=cmd_table)
 
@@ -401,12 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --full: the presets of every notebook that takes one (default: each notebook's, "
                     "paper); release is what produced the papers' published tables (README)")
     re.add_argument("--only", default=None, help=f"comma list of notebooks: {','.join(n.name for n in NOTEBOOKS)}")
-    re.add_argument("--out", default="results", help="results folder (cache, tables, executed notebooks)")
-    re.add_argument("--figures", default=None, help="folder for PNG/PDF figures (default <out>/figures; "
-                    "the committed ones: --figures figures in the checkout, as make run does)")
+    re.add_argument("--out", type=path_text, default="results",
+                    help="results folder (cache, tables, executed notebooks)")
+    re.add_argument("--figures", type=path_text, default=None,
+                    help="folder for PNG/PDF figures (default <out>/figures; the committed ones: --figures figures "
+                    "in the checkout, as make run does)")
     re.add_argument("--threads", type=positive_int, default=None, help="torch threads of the notebook kernels")
-    re.add_argument("--notebooks", default=None, metavar="DIR", help="folder of quantlab's notebooks (default: "
-                    "the ones installed with quantlab, or notebooks/ of the checkout)")
+    re.add_argument("--notebooks", type=path_text, default=None, metavar="DIR",
+                    help="folder of quantlab's notebooks (default: the ones installed with quantlab, or notebooks/ "
+                    "of the checkout)")
     re.add_argument("-p", "--parameter", type=notebook_parameter, action="append", default=[], metavar="NAME=VALUE",
                     help="set a parameter in the notebooks that declare it (repeatable), e.g. -p model=x2.pth "
                     "-p limit=1")
@@ -423,15 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--warmup", type=int, default=200)
     tr.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables)")
-    tr.add_argument("--init-from", default=None, help="weights to start from (x2 body for x3/x4)")
-    tr.add_argument("--data", default=None, help="folder of HR training images (default <data>/train)")
+    tr.add_argument("--init-from", type=path_text, default=None, help="weights to start from (x2 body for x3/x4)")
+    tr.add_argument("--data", type=path_text, default=None, help="folder of HR training images (default <data>/train)")
     tr.add_argument("--val-every", type=int, default=250)
     tr.add_argument("--checkpoint-minutes", type=float, default=5.0)
     tr.add_argument("--threads", type=positive_int, default=None)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", type=device_name, default=None, help=DEVICE_HELP)
-    tr.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.csv)")
-    tr.add_argument("--export", default=None, help="write the EMA weights here (.safetensors) at the end")
+    tr.add_argument("--out", type=path_text, required=True, help="run folder (checkpoint.pt, log.csv)")
+    tr.add_argument("--export", type=path_text, default=None,
+                    help="write the EMA weights here (.safetensors) at the end")
     tr.set_defaults(func=cmd_train)
     return parser
 
