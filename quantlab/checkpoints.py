@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import atomic_path
@@ -103,7 +104,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_weights_only(path)
     else:
         try:
-            state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as file:
+                kind = (file.metadata() or {}).get("format", "")  # "pt" in many checkpoints
+            state = {"format": kind} if kind.startswith("quantlab-") else load_file(str(path))  # packed: refused below
         except Exception as err:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise CheckpointError(f"{path} is not a readable safetensors file: it is truncated or damaged ({reason}); "
@@ -112,9 +115,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
-    if isinstance(state, dict) and isinstance(state.get("format"), str):
+    if isinstance(state, dict) and str(state.get("format")).startswith("quantlab-"):
         raise CheckpointError(f"{path} is a {state['format']} file, not FP weights: give a quantized-model file to "
-                              "'quantlab eval --quantized', with the FP weights it was made from as --model")
+                              "'quantlab eval --quantized' (a packed one to quantlab.cost.load_packed), with the FP "
+                              "weights it was made from as --model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

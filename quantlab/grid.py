@@ -150,6 +150,9 @@ def connect(scheduler: str):
 
     try:
         return Client(scheduler, timeout="20s")
+    except ValueError as err:  # distributed's parse of the address
+        raise ValueError(f"{scheduler!r} is not a Dask scheduler address ({err}); give tcp://HOST:PORT as "
+                         "'dask scheduler' prints it") from None
     except (OSError, TimeoutError) as err:
         raise ValueError(f"no Dask scheduler answers at {scheduler} ({err}); start one with 'dask scheduler' and "
                          "workers with 'dask worker <address>'") from None

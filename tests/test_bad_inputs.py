@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from quantlab import data, files, imresize, metrics, runtime
 from quantlab.checkpoints import CheckpointError, load_model, save_model
@@ -508,6 +509,9 @@ CLI_CASES = [
     Case("cli-reproduce-out-file", with_file(None), cli("reproduce", "--only", "03_table_2dquant", "--out",
                                                         lambda f: str(f / "notes.txt")), SystemExit,
          r"notes\.txt/notebooks/03_table_2dquant\.ipynb cannot be written: .*notes\.txt is a file, not a folder"),
+    Case("cli-table-scheduler-address", nothing, cli("table", "--scheduler", "bogus", "--methods", "fp", "--datasets",
+                                                     "Set5"), SystemExit,
+         r"'bogus' is not a Dask scheduler address \(missing port number.*\); give tcp://HOST:PORT"),
     Case("cli-eval-device", nothing, cli("eval", "--model", "bicubic", "--device", "bogus"), SystemExit, r"bogus"),
     Case("cli-eval-out-under-file", with_file(None), cli(*EVAL, "--out", lambda f: str(f / "notes.txt")), SystemExit,
          r"notes\.txt is a file, not a folder"),
@@ -581,6 +585,9 @@ CLI_CASES = [
          r"q\.safetensors is a safetensors file, not a quantized-model file .*load_packed reads"),
     Case("cli-model-is-a-quantized-file", quantized_file(), cli("eval", "--model", quantized, "--datasets", "Set5"),
          SystemExit, r"q\.pt is a quantlab-quantized-v2 file, not FP weights: give a quantized-model file to"),
+    Case("cli-model-is-the-packed-file", packed_file, cli("eval", "--model", lambda f: str(f / "q.safetensors"),
+                                                         "--datasets", "Set5"), SystemExit,
+         r"q\.safetensors is a quantlab-packed-1 file, not FP weights"),
     Case("cli-quantized-pickled-code", lambda f: pickled_code(model_file(f)).rename(f / "q.pt") and f,
          cli(*EVAL, "--quantized", quantized), SystemExit, r"q\.pt is not a weights-only checkpoint"),
 ]
@@ -644,6 +651,13 @@ def test_a_safetensors_file_named_pth_and_a_torch_file_named_safetensors_load(tm
     torch_file("pt.safetensors")(tmp_path)
     for path in (tmp_path / "st.pth", tmp_path / "pt.safetensors"):
         assert load_model(path).config.embed_dim == 12
+
+
+def test_a_safetensors_checkpoint_with_format_metadata_loads(tmp_path):
+    """Many safetensors checkpoints carry metadata {"format": "pt"}; only quantlab's own formats are refused as
+    not FP weights."""
+    save_file(tiny_state(), str(tmp_path / "w.safetensors"), metadata={"format": "pt"})
+    assert load_model(tmp_path / "w.safetensors").config.embed_dim == 12
 
 
 def test_an_atomic_write_never_touches_a_users_file_named_like_its_temporary(tmp_path):
