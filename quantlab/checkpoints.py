@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .files import atomic_path
 from .runtime import pick_device
@@ -102,23 +102,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                               "a safetensors file; pass a SwinIR-light checkpoint (.pth or .safetensors)")
     if fmt == "torch":
         state = load_weights_only(path)
+        format_tag = str(state.get("format", "")) if isinstance(state, dict) else ""
     else:
-        try:
+        try:  # one pass over the file: its metadata (format "pt" in many checkpoints), then its tensors
             with safe_open(str(path), framework="pt") as file:
-                kind = (file.metadata() or {}).get("format", "")  # "pt" in many checkpoints
-            state = {"format": kind} if kind.startswith("quantlab-") else load_file(str(path))  # packed: refused below
+                format_tag = (file.metadata() or {}).get("format", "")
+                state = {} if format_tag.startswith("quantlab-") else {key: file.get_tensor(key) for key in file.keys()}
         except Exception as err:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise CheckpointError(f"{path} is not a readable safetensors file: it is truncated or damaged ({reason}); "
                                   "fetch or copy it again") from None
+    if format_tag.startswith("quantlab-"):
+        raise CheckpointError(f"{path} is a {format_tag} file, not FP weights: give a quantized-model file to "
+                              "'quantlab eval --quantized' (a packed one to quantlab.cost.load_packed), with the FP "
+                              "weights it was made from as --model")
     for wrapper in ("params_ema", "params", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
-    if isinstance(state, dict) and str(state.get("format")).startswith("quantlab-"):
-        raise CheckpointError(f"{path} is a {state['format']} file, not FP weights: give a quantized-model file to "
-                              "'quantlab eval --quantized' (a packed one to quantlab.cost.load_packed), with the FP "
-                              "weights it was made from as --model")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state

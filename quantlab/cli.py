@@ -49,6 +49,11 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def repeated(items: Sequence) -> str:
+    """The items that occur more than once in ``items``, sorted, as a comma list ('' when none)."""
+    return ", ".join(map(str, sorted({item for item in items if items.count(item) > 1})))
+
+
 def int_list(allowed: Sequence[int]) -> Callable[[str], list[int]]:
     """An argparse type: a comma list of integers from ``allowed``."""
     names = ", ".join(map(str, allowed[:-1])) + f" or {allowed[-1]}"
@@ -59,9 +64,8 @@ def int_list(allowed: Sequence[int]) -> Callable[[str], list[int]]:
             raise argparse.ArgumentTypeError(f"must be {names}, as a comma list such as {allowed[0]},{allowed[-1]}; "
                                              f"got {text!r}")
         values = [int(item) for item in items]
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise argparse.ArgumentTypeError(f"{', '.join(map(str, repeated))} given twice; name each once")
+        if repeated(values):
+            raise argparse.ArgumentTypeError(f"{repeated(values)} given twice; name each once")
         return values
 
     return parse
@@ -96,9 +100,8 @@ def dataset_list(text: str) -> list[str]:
     names = comma_list(text)
     if not names:
         raise argparse.ArgumentTypeError("give at least one set, e.g. Set5,Set14")
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given twice; name each set once")
+    if repeated(names):
+        raise argparse.ArgumentTypeError(f"{repeated(names)} given twice; name each set once")
     for name in names:
         try:
             Benchmark(name, SCALES[0])
@@ -251,13 +254,14 @@ def cmd_table(args: argparse.Namespace) -> None:
     check_benchmarks(args.datasets, args.scales)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sources = list(dict.fromkeys(model_for_scale(args.model, s) for s in args.scales))
+    own_scale = {source: load_model(source).scale for source in sources}
     for scale in args.scales:
         source = model_for_scale(args.model, scale)
-        own = load_model(source).scale
-        if own != scale:
-            raise ValueError(f"--model {source} is a x{own} model, but --scales asks for x{scale}; put {{scale}} in "
-                             f"--model (e.g. runs/x{{scale}}.safetensors) or give --scales {own}")
-    sources = list(dict.fromkeys(model_for_scale(args.model, s) for s in args.scales))
+        if own_scale[source] != scale:
+            raise ValueError(f"--model {source} is a x{own_scale[source]} model, but --scales asks for x{scale}; put "
+                             f"{{scale}} in --model (e.g. runs/x{{scale}}.safetensors) or give --scales "
+                             f"{own_scale[source]}")
     if args.workers or args.scheduler:
         fill(sources, args.bits, comma_list(args.methods), args.datasets, args.preset, args.out, args.limit,
              args.data, workers=args.workers, scheduler=args.scheduler)
